@@ -1,0 +1,92 @@
+"""The error type every rbee command raises, and the JSON envelope it becomes (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RbeeError(Exception):
+    """Something the user can act on: a code from DESIGN.md §5, a message and a hint."""
+
+    code: ClassVar[str] = "INTERNAL"
+    exit_code: ClassVar[int] = 1
+    default_hint: ClassVar[str] = ""
+
+    def __init__(self, message: str, *, hint: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = self.default_hint if hint is None else hint
+        self.details = {k: v for k, v in details.items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "hint": self.hint,
+            "details": self.details,
+        }
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": self.to_dict()}
+
+
+class RemoteError(RbeeError):
+    """An error another rbee process reported as JSON; it keeps that process's code."""
+
+    def __init__(self, code: str, message: str, *, hint: str = "", exit_code: int = 1,
+                 **details: Any) -> None:
+        super().__init__(message, hint=hint, **details)
+        self.remote_code = code
+        self.remote_exit_code = exit_code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "code": self.remote_code}
+
+    @classmethod
+    def from_envelope(cls, doc: dict[str, Any], exit_code: int = 1) -> RemoteError:
+        err = doc.get("error") or {}
+        return cls(
+            str(err.get("code", "INTERNAL")),
+            str(err.get("message", "unknown error")),
+            hint=str(err.get("hint") or ""),
+            exit_code=exit_code,
+            **(err.get("details") or {}),
+        )
+
+
+class UsageError(RbeeError):
+    """The command line itself is wrong."""
+
+    code = "USAGE"
+    exit_code = 2
+
+
+class ConfigInvalid(RbeeError):
+    """A configuration file cannot be read; details carry its path and line."""
+
+    code = "CONFIG_INVALID"
+    default_hint = "Fix the file at the line shown, or move it aside to use the defaults."
+
+
+class InvalidModelRef(RbeeError):
+    """A model reference is none of: catalog id, hf:, file:, https:."""
+
+    code = "INVALID_MODEL_REF"
+    default_hint = (
+        "Use a catalog id (rbee-hive models catalog), hf:ORG/REPO[@REV]/FILE.gguf, "
+        "file:/absolute/path.gguf or https://host/path/file.gguf."
+    )
+
+
+class ModelNotFound(RbeeError):
+    """The model is neither registered here, in the catalog, nor at its source."""
+
+    code = "MODEL_NOT_FOUND"
+    default_hint = "List what is available with `rbee-hive models catalog` and `rbee-hive models list`."
+
+
+class Interrupted(RbeeError):
+    """The user pressed Ctrl+C."""
+
+    code = "CANCELLED"
+    exit_code = 130

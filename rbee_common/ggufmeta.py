@@ -1,0 +1,214 @@
+"""Read a GGUF file's header and metadata without numpy: fast, and safe on hostile input.
+
+Only the key/value section and the tensor table are read; tensor data is never touched.
+The result is what `models info` prints and what placement's memory estimate needs.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from rbee_common.errors import RbeeError
+
+GGUF_MAGIC = b"GGUF"
+_MAX_STRING = 64 * 1024 * 1024  # longer than any real chat template; stops hostile lengths
+_MAX_ARRAY = 16 * 1024 * 1024
+_MAX_DIMS = 8
+
+# llama_ftype (general.file_type) → the name people use
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
+}
+
+# value type → struct format for scalars
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class NotAGguf(RbeeError):
+    """The file is not a GGUF model (wrong magic, truncated or malformed header)."""
+
+    code = "NOT_A_GGUF"
+    default_hint = "rbee runs GGUF files (llama.cpp's format); look for a repository ending in -GGUF."
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    """What a GGUF header says about a model."""
+
+    version: int
+    architecture: str | None
+    name: str | None
+    file_type: str | None
+    parameters: int
+    tensor_count: int
+    block_count: int | None
+    context_length: int | None
+    embedding_length: int | None
+    head_count: int | None
+    head_count_kv: int | None
+    kv_per_token: int | None  # sum over layers of kv_heads * (key_len + value_len), elements
+    vocab_size: int | None
+    has_chat_template: bool
+    data_offset: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise NotAGguf("the file ends inside its GGUF header (truncated?)")
+        self.pos += n
+        return b
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > _MAX_STRING:
+            raise NotAGguf(f"a GGUF string claims {n} bytes: the header is corrupt")
+        return self.read(n).decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        n = self.unpack("<Q")
+        if n > _MAX_STRING:
+            raise NotAGguf(f"a GGUF string claims {n} bytes: the header is corrupt")
+        self.read(n)
+
+    def value(self, vtype: int, keep: bool) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            if keep:
+                return self.string()
+            self.skip_string()
+            return None
+        if vtype == _ARRAY:
+            itype = self.unpack("<I")
+            n = self.unpack("<Q")
+            if n > _MAX_ARRAY:
+                raise NotAGguf(f"a GGUF array claims {n} items: the header is corrupt")
+            if itype in _SCALARS:
+                size = struct.calcsize(_SCALARS[itype])
+                raw = self.read(size * n)
+                if keep:
+                    return list(struct.unpack(f"<{n}{_SCALARS[itype][1]}", raw))
+                return n
+            if itype == _STRING:
+                for _ in range(n):
+                    self.skip_string()
+                return n
+            raise NotAGguf(f"unsupported GGUF array item type {itype}")
+        raise NotAGguf(f"unsupported GGUF value type {vtype}")
+
+
+def read_gguf(f: BinaryIO) -> GgufInfo:
+    """Parse a GGUF header from a binary stream positioned at its start."""
+    r = _Reader(f)
+    magic = f.read(4)
+    r.pos = len(magic)
+    if magic != GGUF_MAGIC:
+        raise NotAGguf(f"not a GGUF file (starts with {magic[:4]!r}, expected b'GGUF')")
+    version = r.unpack("<I")
+    if version not in (2, 3):
+        raise NotAGguf(f"GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors = r.unpack("<Q")
+    n_kv = r.unpack("<Q")
+    if n_tensors > 1_000_000 or n_kv > 1_000_000:
+        raise NotAGguf("the GGUF header counts are implausible: the file is corrupt")
+    kv: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = r.string()
+        vtype = r.unpack("<I")
+        # keep every scalar and short array; token lists are only counted
+        keep = not key.startswith("tokenizer.ggml.") or key.endswith("_id")
+        kv[key] = r.value(vtype, keep)
+    params = 0
+    for _ in range(n_tensors):
+        r.skip_string()
+        n_dims = r.unpack("<I")
+        if n_dims > _MAX_DIMS:
+            raise NotAGguf(f"a tensor claims {n_dims} dimensions: the file is corrupt")
+        count = 1
+        for _ in range(n_dims):
+            count *= r.unpack("<Q")
+        r.unpack("<I")  # ggml type
+        r.unpack("<Q")  # offset
+        params += count
+    align = int(kv.get("general.alignment", 32) or 32)
+    data_offset = (r.pos + align - 1) // align * align
+    return _info(version, kv, params, n_tensors, data_offset)
+
+
+def _per_layer(value: Any, layers: int | None) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(value)] * (layers or 0)
+
+
+def _info(version: int, kv: dict[str, Any], params: int, n_tensors: int,
+          data_offset: int) -> GgufInfo:
+    arch = kv.get("general.architecture")
+    a = f"{arch}." if arch else ""
+
+    def get(key: str) -> Any:
+        return kv.get(a + key)
+
+    layers = get("block_count")
+    embd = get("embedding_length")
+    heads = get("attention.head_count")
+    heads_list = _per_layer(heads, layers)
+    kv_heads_list = _per_layer(get("attention.head_count_kv"), layers) or heads_list
+    head_max = max(heads_list) if heads_list else None
+    default_dim = embd // head_max if embd and head_max else None
+    k_len = get("attention.key_length") or default_dim
+    v_len = get("attention.value_length") or default_dim
+    kv_per_token = None
+    if kv_heads_list and k_len and v_len:
+        kv_per_token = sum(h * (k_len + v_len) for h in kv_heads_list)
+    vocab = kv.get("tokenizer.ggml.tokens")
+    ftype = kv.get("general.file_type")
+    return GgufInfo(
+        version=version,
+        architecture=arch,
+        name=kv.get("general.name"),
+        file_type=FILE_TYPES.get(ftype, str(ftype)) if ftype is not None else None,
+        parameters=params,
+        tensor_count=n_tensors,
+        block_count=layers,
+        context_length=get("context_length"),
+        embedding_length=embd,
+        head_count=head_max,
+        head_count_kv=max(kv_heads_list) if kv_heads_list else None,
+        kv_per_token=kv_per_token,
+        vocab_size=vocab if isinstance(vocab, int) else get("vocab_size"),
+        has_chat_template=isinstance(kv.get("tokenizer.chat_template"), str),
+        data_offset=data_offset,
+    )
+
+
+def read_gguf_file(path: Path) -> GgufInfo:
+    try:
+        with open(path, "rb", buffering=1 << 20) as f:
+            return read_gguf(f)
+    except IsADirectoryError as e:
+        raise NotAGguf(f"{path} is a directory, not a GGUF file") from e

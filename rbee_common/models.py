@@ -1,0 +1,221 @@
+"""Model references (catalog id, hf:, file:, https:) and the catalog they resolve through.
+
+A reference is parsed by pattern, never by a shell: anything that is not one of the four
+forms is INVALID_MODEL_REF before any file is touched or any command runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rbee_common.errors import InvalidModelRef, ModelNotFound
+from rbee_common.paths import config_dir, repo_root
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}"
+HF_RE = re.compile(
+    rf"^hf:(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}))?"
+    rf"/(?P<path>(?:{_SEGMENT}/)*{_SEGMENT}\.gguf)$"
+)
+ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class HfSource:
+    repo: str
+    revision: str
+    path: str
+    kind: Literal["hf"] = "hf"
+
+    def __str__(self) -> str:
+        rev = "" if self.revision == "main" else f"@{self.revision}"
+        return f"hf:{self.repo}{rev}/{self.path}"
+
+    @property
+    def filename(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    url: str
+    kind: Literal["url"] = "url"
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def filename(self) -> str:
+        return unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
+
+
+@dataclass(frozen=True)
+class FileSource:
+    path: str
+    kind: Literal["file"] = "file"
+
+    def __str__(self) -> str:
+        return f"file:{self.path}"
+
+    @property
+    def filename(self) -> str:
+        return os.path.basename(self.path)
+
+
+Source = HfSource | UrlSource | FileSource
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_source(ref: str) -> Source:
+    """Parse an hf:, file: or https: reference; raise INVALID_MODEL_REF for anything else."""
+    if _CONTROL.search(ref):
+        raise InvalidModelRef(f"model reference {ref!r} contains control characters")
+    if ref.startswith("hf:"):
+        m = HF_RE.match(ref)
+        if not m or ".." in ref:
+            raise InvalidModelRef(
+                f"{ref!r} is not a valid hf: reference",
+                hint="Write it as hf:ORG/REPO[@REVISION]/PATH/FILE.gguf, e.g. "
+                "hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+            )
+        return HfSource(m["repo"], m["rev"] or "main", m["path"])
+    if ref.startswith("file:"):
+        path = ref[len("file:"):]
+        if path.startswith("//"):  # file:///abs/path
+            path = path[2:]
+        if not os.path.isabs(path):
+            raise InvalidModelRef(f"{ref!r}: a file: reference needs an absolute path",
+                                  hint="Write file:/absolute/path/model.gguf.")
+        return FileSource(os.path.normpath(path))
+    if ref.startswith(("https://", "http://")):
+        parts = urlsplit(ref)
+        host = parts.hostname or ""
+        if parts.scheme == "http" and not _is_loopback(host):
+            raise InvalidModelRef(f"{ref!r}: plain http is only accepted on loopback",
+                                  hint="Use an https:// address.")
+        if parts.username or parts.password:
+            raise InvalidModelRef("a model URL must not carry credentials",
+                                  hint="Remove user:password@ from the address.")
+        if not host or " " in ref or not unquote(parts.path).endswith(".gguf"):
+            raise InvalidModelRef(f"{ref!r} is not an address of a .gguf file")
+        if ".." in unquote(parts.path).split("/"):
+            raise InvalidModelRef(f"{ref!r}: '..' is not allowed in a model address")
+        return UrlSource(ref)
+    raise InvalidModelRef(f"{ref!r} is not a model reference")
+
+
+def derive_id(source: Source) -> str:
+    """A registry id for a source that is not in the catalog: its file name, made safe."""
+    stem = source.filename
+    if stem.lower().endswith(".gguf"):
+        stem = stem[: -len(".gguf")]
+    slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._") or "model"
+    return slug[:64]
+
+
+class CatalogEntry(BaseModel):
+    """One `[[models]]` table of catalog.toml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=ID_RE.pattern)
+    name: str
+    source: str
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    size: int | None = Field(default=None, gt=0)
+    license: str | None = None
+    description: str | None = None
+
+    def parsed_source(self) -> Source:
+        return parse_source(self.source)
+
+
+class CatalogFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[CatalogEntry] = []
+
+
+def shipped_catalog_path() -> Path:
+    root = repo_root()
+    for candidate in (root / "catalog.toml", root / "rbee_hive" / "data" / "catalog.toml"):
+        if candidate.is_file():
+            return candidate
+    return root / "catalog.toml"
+
+
+def user_catalog_path() -> Path:
+    return config_dir() / "catalog.toml"
+
+
+def _read_catalog(path: Path) -> list[CatalogEntry]:
+    from rbee_common.config import load_toml, validate
+
+    data, text = load_toml(path)
+    parsed = validate(CatalogFile, data, path, text)
+    for n, entry in enumerate(parsed.models):
+        try:
+            entry.parsed_source()
+        except InvalidModelRef as e:
+            from rbee_common.config import locate_line
+            from rbee_common.errors import ConfigInvalid
+
+            line = locate_line(text, ("models", n, "source"))
+            raise ConfigInvalid(f"{path}:{line}: models.{n}.source: {e.message}",
+                                file=str(path), line=line, field=f"models.{n}.source") from e
+    return parsed.models
+
+
+def load_catalog() -> dict[str, CatalogEntry]:
+    """The shipped catalog with the user's catalog.toml merged over it (same id: user wins)."""
+    merged: dict[str, CatalogEntry] = {}
+    for path in (shipped_catalog_path(), user_catalog_path()):
+        if path.is_file():
+            for entry in _read_catalog(path):
+                merged[entry.id] = entry
+    return merged
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a reference resolves to: the id it is stored under and where to get it."""
+
+    id: str
+    name: str
+    source: Source
+    sha256: str | None = None
+    size: int | None = None
+
+
+def resolve_ref(ref: str, catalog: dict[str, CatalogEntry] | None = None) -> ModelSpec:
+    """Resolve a catalog id or a source reference; unknown ids are MODEL_NOT_FOUND."""
+    catalog = load_catalog() if catalog is None else catalog
+    if ref in catalog:
+        e = catalog[ref]
+        return ModelSpec(e.id, e.name, e.parsed_source(), e.sha256, e.size)
+    if ID_RE.match(ref):
+        raise ModelNotFound(f"no model {ref!r} in the catalog",
+                            hint="See `rbee-hive models catalog`, or name a source: "
+                                 "hf:ORG/REPO/FILE.gguf, https://…/FILE.gguf, file:/path.gguf.")
+    source = parse_source(ref)
+    for e in catalog.values():
+        if str(e.parsed_source()) == str(source):
+            return ModelSpec(e.id, e.name, source, e.sha256, e.size)
+    return ModelSpec(derive_id(source), source.filename, source)

@@ -1,0 +1,141 @@
+"""stdout is data, stderr is narration: formats, JSON documents, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from rbee_common.errors import Interrupted, RbeeError, UsageError
+
+if TYPE_CHECKING:
+    import rich.console
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+    ndjson = "ndjson"
+
+
+def write_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+_consoles: dict[bool, rich.console.Console] = {}
+
+
+def console(stderr: bool = False) -> rich.console.Console:
+    """The rich console for stdout (data in text mode) or stderr (narration)."""
+    if stderr not in _consoles:
+        from rich.console import Console
+
+        _consoles[stderr] = Console(stderr=stderr, highlight=False, soft_wrap=not stderr)
+    return _consoles[stderr]
+
+
+def say(message: str, fmt: Format = Format.text) -> None:
+    """Narration on stderr, in text mode only."""
+    if fmt is Format.text:
+        console(stderr=True).print(message)
+
+
+def emit(doc: dict[str, Any], fmt: Format, render: Callable[[dict[str, Any]], None]) -> None:
+    """Print a result document: rendered for people in text mode, as JSON otherwise."""
+    if fmt is Format.text:
+        render(doc)
+    elif fmt is Format.ndjson:
+        write_json({"event": "result", "result": doc})
+    else:
+        write_json(doc)
+
+
+def emit_error(err: RbeeError, fmt: Format) -> None:
+    if fmt is Format.json:
+        write_json(err.envelope())
+    elif fmt is Format.ndjson:
+        write_json({"event": "error", **err.envelope(), "exit_code": err_exit_code(err)})
+    else:
+        from rich.markup import escape
+
+        con = console(stderr=True)
+        con.print(f"[bold red]Error:[/] {escape(err.message)} [dim]({_code(err)})[/]")
+        if err.hint:
+            con.print(f"[dim]Hint:[/] {escape(err.hint)}")
+
+
+def _code(err: RbeeError) -> str:
+    return str(err.to_dict()["code"])
+
+
+def err_exit_code(err: RbeeError) -> int:
+    return int(getattr(err, "remote_exit_code", err.exit_code))
+
+
+def sniff_format(argv: Sequence[str]) -> Format:
+    """The --format a command line asks for, read before parsing so usage errors honour it."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--format" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--format="):
+            value = arg.split("=", 1)[1]
+        if value in Format.__members__:
+            return Format(value)
+    return Format.text
+
+
+def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
+    """Run a typer app: map rbee errors, usage errors and Ctrl+C to output and exit codes."""
+    import click
+    import typer.main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    fmt = sniff_format(args)
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name=prog, standalone_mode=False)
+        code = rv if isinstance(rv, int) else EXIT_OK
+    except RbeeError as e:
+        _debug_traceback()
+        emit_error(e, fmt)
+        code = err_exit_code(e)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.UsageError as e:
+        ctx_path = e.ctx.command_path if e.ctx else prog
+        emit_error(UsageError(e.format_message(), hint=f"Run `{ctx_path} --help`."), fmt)
+        code = EXIT_USAGE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        emit_error(Interrupted("interrupted", hint=""), fmt)
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `rbee … | head` closed our stdout: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_FAILURE
+    except Exception as e:  # the last resort: one line, the traceback only on request
+        if os.environ.get("RBEE_DEBUG") == "1":
+            raise
+        err = RbeeError(f"internal error: {type(e).__name__}: {e}",
+                        hint="Run again with RBEE_DEBUG=1 for the traceback and report it.")
+        emit_error(err, fmt)
+        code = EXIT_FAILURE
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("RBEE_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)

@@ -1,0 +1,134 @@
+"""llm-worker-rbee: started by rbee-hive, never by hand in normal use.
+
+    llm-worker-rbee --model PATH --backend cpu|cuda|metal [--device N] --port P \
+        [--host ADDR] --worker-id ID [--ctx N]
+
+The bearer token comes from $RBEE_WORKER_TOKEN or --token-file, never from argv.
+A start-up failure ends the log with one `RBEE_ERROR {json}` line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from rbee_common.errors import RbeeError
+from worker.schemas import ERROR_LINE_PREFIX, TOKEN_ENV, HealthStatus
+
+log = logging.getLogger("rbee.worker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm-worker-rbee", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="path of the GGUF file")
+    p.add_argument("--backend", required=True, choices=["cpu", "cuda", "metal"])
+    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--worker-id", required=True)
+    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--model-id", help="the model's name in /health and /v1/models")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores on cpu)")
+    p.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    return p
+
+
+def fail(err: RbeeError) -> None:
+    sys.stderr.write(ERROR_LINE_PREFIX + json.dumps(err.to_dict()) + "\n")
+    sys.stderr.flush()
+
+
+def _token(args: argparse.Namespace) -> str:
+    token = os.environ.pop(TOKEN_ENV, "")
+    if args.token_file:
+        token = args.token_file.read_text().strip()
+    if len(token) < 16:
+        raise RbeeError("no bearer token (or one under 16 characters): refusing to serve",
+                        hint=f"Set {TOKEN_ENV} or pass --token-file.")
+    return token
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    from worker.errors import PortInUse
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PortInUse(f"cannot listen on {host}:{port}: {e.strerror}") from e
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = serve(args)
+    except RbeeError as e:
+        fail(e)
+        code = 1
+    sys.exit(code)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from worker.app import WorkerSettings, create_app
+    from worker.engine import Engine, EngineSettings, default_threads
+
+    token = _token(args)
+    engine = Engine(EngineSettings(model_path=args.model, backend=args.backend, ctx=args.ctx,
+                                   threads=args.threads or default_threads(args.backend)))
+    engine.check_backend()
+    sock = _bind(args.host, args.port)
+    settings = WorkerSettings(worker_id=args.worker_id, model_id=args.model_id or
+                              Path(args.model).stem, backend=args.backend, device=args.device,
+                              ctx=args.ctx, token=token)
+    app = create_app(settings, engine)
+    state = app.state.worker  # type: ignore[attr-defined]
+    exit_code = 0
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.cancel_current()  # a running job ends within one token
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                   timeout_graceful_shutdown=5))
+    state.request_exit = lambda: setattr(server, "should_exit", True)
+
+    def load() -> None:
+        nonlocal exit_code
+        log.info("loading %s (%s, ctx %d)", args.model, args.backend, args.ctx)
+        try:
+            engine.load()
+        except RbeeError as e:
+            state.error, state.status, exit_code = e, HealthStatus.error, 1
+            for line in engine.logs.lines:
+                sys.stderr.write(f"llama.cpp: {line}\n")
+            fail(e)
+            server.should_exit = True
+            return
+        state.status = HealthStatus.ready
+        log.info("ready on %s:%d as %s", args.host, args.port, args.worker_id)
+
+    threading.Thread(target=load, name="load", daemon=True).start()
+    server.run(sockets=[sock])
+    job = state.job
+    if job is not None and job.thread is not None:
+        job.thread.join(timeout=5)
+    return exit_code

@@ -1,0 +1,298 @@
+"""One llama.cpp model and the generation loop every route of the worker shares.
+
+The loop runs in a thread (llama.cpp blocks); it hands text to the caller through a
+callback and checks a cancel flag between tokens, so /cancel and a client that goes away
+stop it within one token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import BackendUnavailable, InvalidRequest, ModelLoadFailed
+from worker.schemas import StopReason
+
+log = logging.getLogger("rbee.worker")
+
+_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: str
+    backend: str  # cpu | cuda | metal
+    ctx: int = 4096
+    threads: int | None = None
+    batch: int = 512
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenResult:
+    tokens_out: int = 0
+    stop_reason: StopReason = StopReason.MAX_TOKENS
+    prompt_tokens: int = 0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    text: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        # the first token's time is prompt processing; the rate is over the ones after it
+        if self.tokens_out < 2 or self.decode_ms <= 0:
+            return 0.0
+        return (self.tokens_out - 1) / (self.decode_ms / 1000)
+
+    def end_event(self) -> dict[str, Any]:
+        return {
+            "tokens_out": self.tokens_out,
+            "stop_reason": self.stop_reason.value,
+            "prompt_tokens": self.prompt_tokens,
+            "ttft_ms": round(self.ttft_ms, 2),
+            "decode_ms": round(self.decode_ms, 2),
+            "tokens_per_sec": round(self.tokens_per_sec, 2),
+        }
+
+
+class StopMatcher:
+    """Cuts the stream at the first stop string, holding back text that might start one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.buf += text
+        if not self.stops:
+            out, self.buf = self.buf, ""
+            return out, False
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i != -1]
+        if hits:
+            out, self.buf = self.buf[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.buf) - hold
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class LlamaLogCapture:
+    """Collects llama.cpp's log lines (it logs from C, outside Python's logging)."""
+
+    def __init__(self, keep: int = 400) -> None:
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._partial = ""
+        self._callback: Any = None
+
+    def install(self) -> None:
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback  # type: ignore[misc]
+        def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            self._partial += text.decode("utf-8", errors="replace")
+            while "\n" in self._partial:
+                line, self._partial = self._partial.split("\n", 1)
+                self.lines.append(line)
+
+        self._callback = _cb  # keep a reference: ctypes must not free it
+        llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+
+    def offloaded(self) -> tuple[int, int] | None:
+        for line in reversed(self.lines):
+            m = _OFFLOADED.search(line)
+            if m:
+                return int(m.group(1)), int(m.group(2))
+        return None
+
+
+def gpu_offload_supported() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.llama: Any = None
+        self.logs = LlamaLogCapture()
+        self.chat_template: str | None = None
+
+    @property
+    def gpu(self) -> bool:
+        return self.settings.backend in ("cuda", "metal")
+
+    def check_backend(self) -> None:
+        """Refuse a GPU backend the llama.cpp build cannot offload to (no CPU fallback)."""
+        if self.gpu and not gpu_offload_supported():
+            raise BackendUnavailable(
+                f"this llama-cpp-python build cannot offload to a GPU, so backend "
+                f"{self.settings.backend!r} is unavailable"
+            )
+
+    def load(self) -> None:
+        import llama_cpp
+
+        self.logs.install()
+        s = self.settings
+        kwargs: dict[str, Any] = {
+            "model_path": s.model_path,
+            "n_ctx": s.ctx,
+            "n_batch": min(s.batch, s.ctx),
+            "n_gpu_layers": -1 if self.gpu else 0,
+            "verbose": False,
+        }
+        if s.threads:
+            kwargs["n_threads"] = s.threads
+            kwargs["n_threads_batch"] = s.threads
+        if self.gpu:
+            # one device per worker: rbee-hive pins it with CUDA_VISIBLE_DEVICES
+            kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_NONE
+            kwargs["main_gpu"] = 0
+        try:
+            self.llama = llama_cpp.Llama(**kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            tail = "\n".join(list(self.logs.lines)[-5:])
+            raise ModelLoadFailed(f"llama.cpp could not load {s.model_path}: {e}",
+                                  log_tail=tail) from e
+        if self.gpu:
+            done = self.logs.offloaded()
+            if done is None or done[0] < done[1]:
+                got = f"{done[0]}/{done[1]}" if done else "an unknown number of"
+                self.close()
+                raise ModelLoadFailed(
+                    f"only {got} layers were offloaded to {s.backend}; rbee runs GPU workers "
+                    "entirely in VRAM",
+                    hint="Free VRAM, or choose a smaller model, quantisation or --ctx.",
+                )
+        self.chat_template = self.llama.metadata.get("tokenizer.chat_template")
+
+    def close(self) -> None:
+        if self.llama is not None:
+            self.llama.close()
+            self.llama = None
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llama.n_ctx())
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def format_chat(self, messages: list[tuple[str, str]]) -> tuple[str, list[str], bool]:
+        """Render a conversation with the model's own chat template (or a plain fallback).
+
+        Returns the prompt, extra stop strings, and whether the prompt already holds BOS.
+        """
+        if self.chat_template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            model = self.llama._model
+            eos_id, bos_id = self.llama.token_eos(), self.llama.token_bos()
+            formatter = Jinja2ChatFormatter(
+                template=self.chat_template,
+                eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+                bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+                stop_token_ids=[eos_id],
+            )
+            res = formatter(messages=[{"role": r, "content": c} for r, c in messages])
+            stops = [res.stop] if isinstance(res.stop, str) else list(res.stop or [])
+            return res.prompt, stops, bool(res.added_special)
+        parts = []
+        for role, content in messages:
+            label = "System" if role in ("system", "developer") else role.capitalize()
+            parts.append(f"{label}: {content}")
+        return "\n".join(parts) + "\nAssistant:", ["\nUser:"], False
+
+    def generate(self, tokens: list[int], params: GenParams, cancel: threading.Event,
+                 on_text: Callable[[str, int], None]) -> GenResult:
+        """Run one job to its end; call on_text(text, token_index) as text becomes final."""
+        import llama_cpp
+
+        t0 = time.perf_counter()
+        n_ctx = self.n_ctx
+        if len(tokens) >= n_ctx:
+            raise InvalidRequest(f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}",
+                                 hint="Shorten the prompt or spawn the worker with a larger --ctx.",
+                                 field="prompt")
+        budget = min(params.max_tokens, n_ctx - len(tokens))
+        result = GenResult(prompt_tokens=len(tokens))
+        seed = params.seed if params.seed is not None else random.randrange(2**32)
+        self.llama.set_seed(seed)
+        vocab = self.llama._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stopper = StopMatcher(params.stop)
+        first_at: float | None = None
+        last_at = t0
+        stop_reason = StopReason.MAX_TOKENS
+        gen = self.llama.generate(tokens, top_k=params.top_k, top_p=params.top_p,
+                                  temp=params.temperature, repeat_penalty=1.0, reset=True)
+        try:
+            for tok in gen:
+                last_at = time.perf_counter()
+                if first_at is None:
+                    first_at = last_at
+                if cancel.is_set():
+                    stop_reason = StopReason.CANCELLED
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                    stop_reason = StopReason.EOS
+                    break
+                index = result.tokens_out
+                result.tokens_out += 1
+                text, hit = stopper.feed(decoder.decode(self.llama.detokenize([tok])))
+                if text:
+                    result.text.append(text)
+                    on_text(text, index)
+                if hit:
+                    stop_reason = StopReason.STOP_SEQUENCE
+                    break
+                if result.tokens_out >= budget:
+                    break
+        finally:
+            gen.close()
+        if stop_reason is not StopReason.STOP_SEQUENCE:
+            tail = stopper.feed(decoder.decode(b"", final=True))[0] + stopper.flush()
+            if tail and stop_reason is not StopReason.CANCELLED:
+                result.text.append(tail)
+                on_text(tail, max(result.tokens_out - 1, 0))
+        result.stop_reason = stop_reason
+        result.ttft_ms = ((first_at or last_at) - t0) * 1000
+        result.decode_ms = (last_at - (first_at or last_at)) * 1000
+        return result
+
+
+def default_threads(backend: str) -> int | None:
+    """CPU workers use every core by default; llama.cpp's own default is half of them."""
+    if backend == "cpu":
+        return os.cpu_count() or None
+    return None
