@@ -11,13 +11,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from rbee_common.errors import InvalidModelRef, ModelNotFound
-from rbee_common.paths import config_dir, repo_root
+if TYPE_CHECKING:
+    from rbee_common.catalog import CatalogEntry
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}"
@@ -130,69 +129,6 @@ def derive_id(source: Source) -> str:
     return slug[:64]
 
 
-class CatalogEntry(BaseModel):
-    """One `[[models]]` table of catalog.toml."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str = Field(pattern=ID_RE.pattern)
-    name: str
-    source: str
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    size: int | None = Field(default=None, gt=0)
-    license: str | None = None
-    description: str | None = None
-
-    def parsed_source(self) -> Source:
-        return parse_source(self.source)
-
-
-class CatalogFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    models: list[CatalogEntry] = []
-
-
-def shipped_catalog_path() -> Path:
-    root = repo_root()
-    for candidate in (root / "catalog.toml", root / "rbee_hive" / "data" / "catalog.toml"):
-        if candidate.is_file():
-            return candidate
-    return root / "catalog.toml"
-
-
-def user_catalog_path() -> Path:
-    return config_dir() / "catalog.toml"
-
-
-def _read_catalog(path: Path) -> list[CatalogEntry]:
-    from rbee_common.config import load_toml, validate
-
-    data, text = load_toml(path)
-    parsed = validate(CatalogFile, data, path, text)
-    for n, entry in enumerate(parsed.models):
-        try:
-            entry.parsed_source()
-        except InvalidModelRef as e:
-            from rbee_common.config import locate_line
-            from rbee_common.errors import ConfigInvalid
-
-            line = locate_line(text, ("models", n, "source"))
-            raise ConfigInvalid(f"{path}:{line}: models.{n}.source: {e.message}",
-                                file=str(path), line=line, field=f"models.{n}.source") from e
-    return parsed.models
-
-
-def load_catalog() -> dict[str, CatalogEntry]:
-    """The shipped catalog with the user's catalog.toml merged over it (same id: user wins)."""
-    merged: dict[str, CatalogEntry] = {}
-    for path in (shipped_catalog_path(), user_catalog_path()):
-        if path.is_file():
-            for entry in _read_catalog(path):
-                merged[entry.id] = entry
-    return merged
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """What a reference resolves to: the id it is stored under and where to get it."""
@@ -206,7 +142,10 @@ class ModelSpec:
 
 def resolve_ref(ref: str, catalog: dict[str, CatalogEntry] | None = None) -> ModelSpec:
     """Resolve a catalog id or a source reference; unknown ids are MODEL_NOT_FOUND."""
-    catalog = load_catalog() if catalog is None else catalog
+    if catalog is None:
+        from rbee_common.catalog import load_catalog
+
+        catalog = load_catalog()
     if ref in catalog:
         e = catalog[ref]
         return ModelSpec(e.id, e.name, e.parsed_source(), e.sha256, e.size)

@@ -40,7 +40,7 @@ def console(stderr: bool = False) -> rich.console.Console:
     if stderr not in _consoles:
         from rich.console import Console
 
-        _consoles[stderr] = Console(stderr=stderr, highlight=False, soft_wrap=not stderr)
+        _consoles[stderr] = Console(stderr=stderr, highlight=False, soft_wrap=True)
     return _consoles[stderr]
 
 
@@ -97,7 +97,7 @@ def sniff_format(argv: Sequence[str]) -> Format:
 
 def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
     """Run a typer app: map rbee errors, usage errors and Ctrl+C to output and exit codes."""
-    import click
+    import typer
     import typer.main
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -110,13 +110,14 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
         _debug_traceback()
         emit_error(e, fmt)
         code = err_exit_code(e)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except click.exceptions.UsageError as e:
-        ctx_path = e.ctx.command_path if e.ctx else prog
+    except typer.TyperException as e:  # click's usage errors, as typer vendors them
+        ctx = getattr(e, "ctx", None)
+        ctx_path = ctx.command_path if ctx is not None else prog
         emit_error(UsageError(e.format_message(), hint=f"Run `{ctx_path} --help`."), fmt)
-        code = EXIT_USAGE
-    except (KeyboardInterrupt, click.exceptions.Abort):
+        code = EXIT_USAGE if e.exit_code == EXIT_USAGE else EXIT_FAILURE
+    except (KeyboardInterrupt, typer.Abort):
         emit_error(Interrupted("interrupted", hint=""), fmt)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -143,17 +143,19 @@ class PlainReporter:
     """Phase starts and ends as plain lines on stderr: what a log file or a pipe can hold."""
 
     def __init__(self) -> None:
-        self._started: dict[str, float] = {}
+        self._started: dict[str, tuple[float, str]] = {}
 
     def __call__(self, event: Event) -> None:
         kind = event.get("event")
         phase = str(event.get("phase", ""))
         if kind == "phase" and phase not in self._started:
-            self._started[phase] = time.monotonic()
-            sys.stderr.write(f"{event.get('message', phase)}…\n")
+            message = str(event.get("message", phase))
+            self._started[phase] = (time.monotonic(), message)
+            sys.stderr.write(f"{message}…\n")
         elif kind == "done" and phase in self._started:
-            took = time.monotonic() - self._started.pop(phase)
-            sys.stderr.write(f"{event.get('message') or phase}: done in {took:.1f}s\n")
+            began, message = self._started.pop(phase)
+            took = time.monotonic() - began
+            sys.stderr.write(f"{event.get('message') or message + ': done'} ({took:.1f}s)\n")
         elif kind == "log":
             sys.stderr.write(f"{event.get('message', '')}\n")
         sys.stderr.flush()

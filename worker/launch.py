@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from worker.schemas import TOKEN_ENV
+from worker.protocol import TOKEN_ENV
 
 
 def llama_lib_dir() -> Path | None:

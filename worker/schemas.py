@@ -10,10 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-HEALTH_SCHEMA = "rbee.worker.health/v1"
-TOKEN_ENV = "RBEE_WORKER_TOKEN"
-ERROR_LINE_PREFIX = "RBEE_ERROR "  # last line of a worker's log when it fails to start
-MAX_BODY_BYTES = 1024 * 1024
+from worker.protocol import ERROR_LINE_PREFIX, HEALTH_SCHEMA, MAX_BODY_BYTES, TOKEN_ENV
+
+__all__ = ["ERROR_LINE_PREFIX", "HEALTH_SCHEMA", "MAX_BODY_BYTES", "TOKEN_ENV"]
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 
 

@@ -1,0 +1,43 @@
+"""Pieces every rbee CLI shares: the --format option and progress reporting around a call."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from rbee_common.output import Format
+from rbee_common.progress import Reporter, close_reporter, reporter_for
+
+FormatOpt = Annotated[
+    Format,
+    typer.Option("--format", help="Output: text for people, json for scripts, ndjson to stream "
+                                  "progress events then the result.", case_sensitive=False),
+]
+
+
+@contextlib.contextmanager
+def reporting(fmt: Format) -> Iterator[Reporter]:
+    """A progress reporter for `fmt`, closed (bars finished) however the block ends."""
+    report = reporter_for(fmt)
+    try:
+        yield report
+    finally:
+        close_reporter(report)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from rbee_common import __version__
+
+        typer.echo(f"rbee {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[
+    bool | None,
+    typer.Option("--version", callback=version_callback, is_eager=True,
+                 help="Print the version and exit."),
+]

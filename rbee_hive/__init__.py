@@ -1,0 +1,1 @@
+"""rbee-hive: the per-host half of rbee — models, GPU inventory, worker lifecycle."""

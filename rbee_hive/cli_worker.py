@@ -1,0 +1,153 @@
+"""rbee-hive worker …: start, watch and stop llm-worker-rbee processes on this host."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from rbee_common.clikit import FormatOpt, reporting
+from rbee_common.errors import UsageError
+from rbee_common.output import Format, emit, write_json
+from rbee_hive import schemas
+
+app = typer.Typer(help="Start, list, watch and stop workers on this host.", no_args_is_help=True)
+
+IdArg = Annotated[str, typer.Argument(metavar="ID", help="Worker id (see `worker list`).")]
+
+
+class Backend(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    metal = "metal"
+
+
+@app.command()
+def spawn(
+    backend: Annotated[Backend, typer.Argument(help="cpu, cuda or metal.")],
+    model: Annotated[str, typer.Option("--model", help="A model on this host (id or reference).")],
+    device: Annotated[int, typer.Option(help="Device index of the backend.")] = 0,
+    port: Annotated[int | None, typer.Option(help="Port (default: a free one in 8001–8999).")]
+    = None,
+    ctx: Annotated[int | None, typer.Option(help="Context size (default: min(4096, trained)).")]
+    = None,
+    bind: Annotated[str | None, typer.Option(
+        help="Address the worker listens on (default 127.0.0.1 or $RBEE_WORKER_BIND).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the worker.")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once started.")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        help="Seconds to wait for ready (default 120 or $RBEE_LOAD_TIMEOUT).")] = None,
+    token_stdin: Annotated[bool, typer.Option(
+        "--token-stdin", help="Read the worker's bearer token from stdin's first line.")] = False,
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """Start a worker for a model: checks backend, device and memory, then waits until ready.
+
+    Examples:
+      rbee-hive worker spawn cpu --model gemma3-270m
+      rbee-hive worker spawn cuda --model tinyllama --device 1 --ctx 8192
+    """
+    from rbee_hive.render import render_worker
+    from rbee_hive.workers import spawn as spawn_worker
+
+    token = None
+    if token_stdin:
+        token = sys.stdin.readline().strip()
+        if len(token) < 16:
+            raise UsageError("--token-stdin needs a token of at least 16 characters on stdin")
+    with reporting(fmt) as report:
+        record = spawn_worker(backend.value, model, device=device, port=port, ctx=ctx, bind=bind,
+                              wait=not no_wait, timeout=timeout, token=token, threads=threads,
+                              report=report)
+    emit(record, fmt, render_worker)
+
+
+@app.command("list")
+def list_(fmt: FormatOpt = Format.text) -> None:
+    """Workers of this host, with their live state (dead ones marked, with their log's tail).
+
+    Example: rbee-hive worker list --format json
+    """
+    from rbee_hive.render import render_workers
+    from rbee_hive.workers import list_workers
+
+    emit({"schema": schemas.WORKERS, "workers": list_workers()}, fmt, render_workers)
+
+
+@app.command()
+def health(wid: IdArg, fmt: FormatOpt = Format.text) -> None:
+    """Ask one worker for its /health.
+
+    Example: rbee-hive worker health cpu0-1a2b3c
+    """
+    from rbee_hive.render import render_health
+    from rbee_hive.workers import health as worker_health
+
+    emit({**worker_health(wid), "schema": schemas.WORKER_HEALTH}, fmt, render_health)
+
+
+@app.command()
+def logs(wid: IdArg,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")]
+         = False,
+         lines: Annotated[int, typer.Option("--lines", "-n", help="Lines of history.")] = 50,
+         fmt: FormatOpt = Format.text) -> None:
+    """Print a worker's log (stdout and stderr of its process).
+
+    Example: rbee-hive worker logs cpu0-1a2b3c --follow
+    """
+    from rbee_hive.workers import follow_log
+
+    stream = follow_log(wid, lines, follow)
+    if fmt is Format.text:
+        for line in stream:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    elif follow:
+        for line in stream:
+            write_json({"event": "line", "line": line})
+    else:
+        from rbee_hive.render import render_logs
+
+        emit({"schema": schemas.LOGS, "id": wid, "lines": list(stream)}, fmt, render_logs)
+
+
+@app.command()
+def stop(wid: Annotated[str | None, typer.Argument(metavar="[ID]", help="Worker id.")] = None,
+         all_: Annotated[bool, typer.Option("--all", help="Stop every worker of this host.")]
+         = False,
+         timeout: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL.")]
+         = 10.0,
+         fmt: FormatOpt = Format.text) -> None:
+    """Stop a worker (SIGTERM, then SIGKILL after --timeout) and remove its record.
+
+    Examples:
+      rbee-hive worker stop cpu0-1a2b3c
+      rbee-hive worker stop --all
+    """
+    from rbee_hive.render import render_stopped
+    from rbee_hive.workers import stop as stop_worker
+    from rbee_hive.workers import stop_all
+
+    if all_ == (wid is not None):
+        raise UsageError("give a worker ID or --all (not both)",
+                         hint="Run `rbee-hive worker list` to see the ids.")
+    if all_:
+        emit({"schema": schemas.STOPPED, "stopped": stop_all(timeout)}, fmt, render_stopped)
+    else:
+        assert wid is not None
+        emit(stop_worker(wid, timeout), fmt, render_stopped)
+
+
+@app.command()
+def token(wid: IdArg, fmt: FormatOpt = Format.text) -> None:
+    """Print a worker's bearer token (to call it with curl or an OpenAI client).
+
+    Example: curl -H "Authorization: Bearer $(rbee-hive worker token ID)" URL/v1/models
+    """
+    from rbee_hive.render import render_token
+    from rbee_hive.workers import token as worker_token
+
+    emit({"schema": schemas.TOKEN, "id": wid, "token": worker_token(wid)}, fmt, render_token)

@@ -1,0 +1,235 @@
+"""How rbee-hive documents look in text mode, keyed by their schema name.
+
+The keeper imports this too: `rbee pool … --host NAME` shows a remote document exactly as
+the hive itself would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rbee_common.estimate import human_bytes
+from rbee_common.output import console
+from rbee_hive import schemas
+
+Doc = dict[str, Any]
+
+
+def _table(*columns: str) -> Any:
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    return t
+
+
+def _print(*things: Any) -> None:
+    con = console()
+    for t in things:
+        con.print(t)
+
+
+def human_params(n: int | None) -> str:
+    if not n:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _mem(d: Doc) -> str:
+    return f"{human_bytes(d.get('memory_free'))} free / {human_bytes(d.get('memory_total'))}"
+
+
+def devices_table(doc: Doc) -> Any:
+    t = _table("DEVICE", "NAME", "MEMORY")
+    for d in doc["devices"]:
+        t.add_row(f"{d['backend']}:{d['index']}", d.get("name") or "", _mem(d))
+    return t
+
+
+def backends_line(doc: Doc) -> str:
+    parts = []
+    for b in doc["backends"]:
+        parts.append(b["name"] if b["available"] else f"[dim]{b['name']} ({b['reason']})[/]")
+    return "backends: " + ", ".join(parts)
+
+
+def models_table(models: list[Doc]) -> Any:
+    t = _table("ID", "SIZE", "QUANT", "PARAMS", "CTX", "SOURCE")
+    for m in models:
+        g = m.get("gguf", m)
+        t.add_row(m["id"], human_bytes(m.get("size")), str(g.get("file_type") or ""),
+                  human_params(g.get("parameters")), str(g.get("context_length") or ""),
+                  m.get("source", ""))
+    return t
+
+
+def workers_table(workers: list[Doc]) -> Any:
+    t = _table("ID", "STATE", "MODEL", "DEVICE", "URL", "PID")
+    for w in workers:
+        state = w["state"]
+        style = {"ready": "green", "busy": "yellow", "loading": "cyan"}.get(state, "red")
+        t.add_row(w["id"], f"[{style}]{state}[/]", w["model"], f"{w['backend']}:{w['device']}",
+                  w["url"], str(w["pid"]))
+    return t
+
+
+def _worker_problems(workers: list[Doc]) -> list[str]:
+    out = []
+    for w in workers:
+        if w["state"] in ("dead", "error"):
+            out.append(f"[red]{w['id']}[/]: {w.get('message') or w['state']}")
+            out += [f"  [dim]│ {line}[/]" for line in (w.get("log_tail") or [])[-5:]]
+    return out
+
+
+def render_status(doc: Doc) -> None:
+    h = doc["host"]
+    _print(f"[bold]{h['hostname']}[/] ({h['platform']} {h['machine']}, rbee {h['rbee_version']})",
+           backends_line(doc), devices_table(doc))
+    _print(f"\n[bold]models[/] ({len(doc['models'])})")
+    if doc["models"]:
+        _print(models_table(doc["models"]))
+    _print(f"\n[bold]workers[/] ({len(doc['workers'])})")
+    if doc["workers"]:
+        _print(workers_table(doc["workers"]), *_worker_problems(doc["workers"]))
+
+
+def render_detect(doc: Doc) -> None:
+    _print(backends_line(doc), devices_table(doc))
+
+
+def render_catalog(doc: Doc) -> None:
+    t = _table("ID", "NAME", "SIZE", "HERE", "SOURCE")
+    for m in doc["models"]:
+        t.add_row(m["id"], m["name"], human_bytes(m.get("size")) if m.get("size") else "",
+                  "yes" if m.get("downloaded") else "", m["source"])
+    _print(t)
+
+
+def render_models(doc: Doc) -> None:
+    if not doc["models"]:
+        _print("[dim]No models yet: `rbee-hive models download tinyllama`[/]")
+        return
+    _print(models_table(doc["models"]))
+
+
+def render_model(doc: Doc) -> None:
+    g = doc.get("gguf") or {}
+    lines = [f"[bold]{doc['id']}[/]  {doc.get('name', '')}", f"source: {doc.get('source')}"]
+    if doc.get("path"):
+        lines.append(f"path: {doc['path']}")
+    if doc.get("size"):
+        lines.append(f"size: {human_bytes(doc['size'])} ({doc['size']} bytes)")
+    if doc.get("sha256"):
+        lines.append(f"sha256: {doc['sha256']}")
+    if g:
+        lines.append(f"architecture: {g.get('architecture')}  parameters: "
+                     f"{human_params(g.get('parameters'))}  quantisation: {g.get('file_type')}")
+        lines.append(f"layers: {g.get('block_count')}  context: {g.get('context_length')}  "
+                     f"heads: {g.get('head_count')}  KV heads: {g.get('head_count_kv')}")
+    est = doc.get("estimate")
+    if est:
+        lines.append(f"memory at ctx {est['ctx']}: {human_bytes(est['total_bytes'])} "
+                     f"({human_bytes(est['weights_bytes'])} weights + "
+                     f"{human_bytes(est['kv_bytes'])} KV cache + "
+                     f"{human_bytes(est['overhead_bytes'])} overhead)")
+    if "downloaded" in doc and not doc["downloaded"]:
+        lines.append("[dim]not on this host: `rbee-hive models download " + doc["id"] + "`[/]")
+    if doc.get("already_present"):
+        lines.append("[dim]already on this host[/]")
+    elif doc.get("transferred_bytes") is not None and doc.get("resumed_from"):
+        lines.append(f"resumed from byte {doc['resumed_from']}, "
+                     f"transferred {human_bytes(doc['transferred_bytes'])}")
+    _print(*lines)
+
+
+def render_verify(doc: Doc) -> None:
+    _print(f"{doc['id']}: [green]ok[/] (sha256 {doc['sha256']})")
+
+
+def render_removed(doc: Doc) -> None:
+    _print(f"removed {doc['id']} ({human_bytes(doc.get('freed_bytes'))} freed)")
+
+
+def render_worker(doc: Doc) -> None:
+    _print(f"[bold]{doc['id']}[/] {doc['state']}  {doc['model']} on "
+           f"{doc['backend']}:{doc['device']}  {doc['url']}  pid {doc['pid']}")
+
+
+def render_workers(doc: Doc) -> None:
+    if not doc["workers"]:
+        _print("[dim]No workers: `rbee-hive worker spawn cpu --model MODEL`[/]")
+        return
+    _print(workers_table(doc["workers"]), *_worker_problems(doc["workers"]))
+
+
+def render_health(doc: Doc) -> None:
+    _print(f"{doc['worker_id']}: {doc['status']}  {doc['model']} on "
+           f"{doc['backend']}:{doc['device']}  ctx {doc['ctx']}  up {doc['uptime_s']:.0f}s")
+
+
+def render_stopped(doc: Doc) -> None:
+    stopped = doc.get("stopped", [doc])
+    if not stopped:
+        _print("[dim]No workers to stop.[/]")
+    for s in stopped:
+        how = f" ({s['signal']})" if s.get("signal") else " (was not running)"
+        _print(f"stopped {s['id']}{how}")
+
+
+def render_token(doc: Doc) -> None:
+    _print(doc["token"])
+
+
+def render_git(doc: Doc) -> None:
+    lines = [f"{doc['path']}: {doc['branch']} @ {doc['commit'][:12]}"
+             + (" [yellow](uncommitted changes)[/]" if doc["dirty"] else "")]
+    if doc.get("upstream"):
+        lines.append(f"upstream {doc['upstream']}: {doc['ahead']} ahead, {doc['behind']} behind")
+    if "updated" in doc:
+        lines.append(f"updated {doc['before'][:12]} → {doc['after'][:12]}" if doc["updated"]
+                     else "already up to date")
+        if doc.get("reinstall_needed"):
+            lines.append("[yellow]dependencies changed: run `pip install -e .` in the checkout[/]")
+    _print(*lines)
+
+
+def render_logs(doc: Doc) -> None:
+    from rich.markup import escape
+
+    for line in doc["lines"]:
+        console().print(escape(line))
+
+
+RENDERERS: dict[str, Callable[[Doc], None]] = {
+    schemas.STATUS: render_status,
+    schemas.DETECT: render_detect,
+    schemas.CATALOG: render_catalog,
+    schemas.MODELS: render_models,
+    schemas.MODEL: render_model,
+    schemas.VERIFY: render_verify,
+    schemas.REMOVED: render_removed,
+    schemas.WORKER: render_worker,
+    schemas.WORKERS: render_workers,
+    schemas.WORKER_HEALTH: render_health,
+    schemas.STOPPED: render_stopped,
+    schemas.TOKEN: render_token,
+    schemas.GIT: render_git,
+    schemas.LOGS: render_logs,
+}
+
+
+def render(doc: Doc) -> None:
+    """Render any hive document by its schema name (JSON as a fallback)."""
+    fn = RENDERERS.get(str(doc.get("schema")))
+    if fn is None:
+        import json
+
+        console().print(json.dumps(doc, indent=2), markup=False)
+        return
+    fn(doc)
