@@ -82,7 +82,8 @@ class ModelNotFound(RbeeError):
     """The model is neither registered here, in the catalog, nor at its source."""
 
     code = "MODEL_NOT_FOUND"
-    default_hint = "List what is available with `rbee-hive models catalog` and `rbee-hive models list`."
+    default_hint = ("List what is available with `rbee-hive models catalog` and "
+                    "`rbee-hive models list`.")
 
 
 class Interrupted(RbeeError):

@@ -37,7 +37,8 @@ class NotAGguf(RbeeError):
     """The file is not a GGUF model (wrong magic, truncated or malformed header)."""
 
     code = "NOT_A_GGUF"
-    default_hint = "rbee runs GGUF files (llama.cpp's format); look for a repository ending in -GGUF."
+    default_hint = ("rbee runs GGUF files (llama.cpp's format); look for a repository ending "
+                    "in -GGUF.")
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote, urlsplit
 
 from rbee_common.errors import InvalidModelRef, ModelNotFound
+
 if TYPE_CHECKING:
     from rbee_common.catalog import CatalogEntry
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from rbee_common.errors import Interrupted, RbeeError, UsageError
@@ -21,7 +21,7 @@ EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     text = "text"
     json = "json"
     ndjson = "ndjson"

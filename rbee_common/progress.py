@@ -3,7 +3,8 @@
 Core code calls `report(event)` with plain dicts, so it never knows whether a person, a
 script (`--format ndjson`) or a remote controller is watching:
 
-    {"event": "phase", "phase": "download", "message": "Downloading tinyllama", "total": 668788096, "unit": "bytes"}
+    {"event": "phase", "phase": "download", "message": "Downloading tinyllama",
+     "total": 668788096, "unit": "bytes"}
     {"event": "progress", "phase": "download", "completed": 1048576}
     {"event": "done", "phase": "download"}
     {"event": "log", "message": "…"}

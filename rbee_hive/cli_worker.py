@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -18,7 +18,7 @@ app = typer.Typer(help="Start, list, watch and stop workers on this host.", no_a
 IdArg = Annotated[str, typer.Argument(metavar="ID", help="Worker id (see `worker list`).")]
 
 
-class Backend(str, Enum):
+class Backend(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
     metal = "metal"

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rbee.hive.download")
 
-CHUNK = 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -147,8 +146,8 @@ def _resolve(spec: ModelSpec, client: httpx.Client) -> Remote:
 
 
 def _resolve_hf(src: HfSource) -> Remote:
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
     # HF_ENDPOINT is read once at import by huggingface_hub; pass it at call time instead
@@ -265,7 +264,7 @@ def _transfer(spec: ModelSpec, remote: Remote, part: Path, client: httpx.Client,
                     report({"event": "progress", "phase": phase, "total": total,
                             "completed": offset})
                 with open(part, "ab") as f:
-                    for chunk in r.iter_raw(CHUNK):
+                    for chunk in r.iter_raw():
                         f.write(chunk)
                         hasher.update(chunk)
                         offset += len(chunk)

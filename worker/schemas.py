@@ -5,7 +5,7 @@ rbee_hive and rbee_keeper import this module (never the server) to speak to a wo
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,21 +16,21 @@ __all__ = ["ERROR_LINE_PREFIX", "HEALTH_SCHEMA", "MAX_BODY_BYTES", "TOKEN_ENV"]
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 
 
-class HealthStatus(str, Enum):
+class HealthStatus(StrEnum):
     loading = "loading"
     ready = "ready"
     busy = "busy"
     error = "error"
 
 
-class StopReason(str, Enum):
+class StopReason(StrEnum):
     MAX_TOKENS = "MAX_TOKENS"
     EOS = "EOS"
     STOP_SEQUENCE = "STOP_SEQUENCE"
     CANCELLED = "CANCELLED"
 
 
-class Event(str, Enum):
+class Event(StrEnum):
     started = "started"
     token = "token"
     end = "end"

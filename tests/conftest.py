@@ -1,0 +1,85 @@
+"""Fixtures: isolated state dirs, the tiny model, a loopback Hugging Face server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run
+from tests.hubserver import HubServer
+from tests.tinymodel import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ~430 KB llama GGUF that real llama.cpp loads (see tests/tinymodel.py)."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_bytes(tiny_model: Path) -> bytes:
+    return tiny_model.read_bytes()
+
+
+@dataclass
+class Env:
+    root: Path
+    home: Path
+    rbee_home: Path
+    config: Path
+
+
+@pytest.fixture
+def rbee_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """Every test gets its own HOME, RBEE_HOME and config dir; its workers are stopped after."""
+    env = Env(tmp_path, tmp_path / "home", tmp_path / "rbee-home", tmp_path / "config")
+    for d in (env.home, env.config):
+        d.mkdir()
+    settings = {
+        "HOME": str(env.home), "RBEE_HOME": str(env.rbee_home), "RBEE_CONFIG_DIR": str(env.config),
+        "NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb", "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    }
+    for k, v in settings.items():
+        monkeypatch.setenv(k, v)
+    for k in ("HF_TOKEN", "HF_ENDPOINT", "RBEE_DEBUG", "RBEE_RESERVE_MIB", "RBEE_LOAD_TIMEOUT",
+              "RBEE_WORKER_BIND", "RBEE_DOWNLOAD_RETRIES", "RBEE_CHECKOUT"):
+        monkeypatch.delenv(k, raising=False)
+    yield env
+    if (env.rbee_home / "workers").is_dir():
+        from rbee_hive.workers import stop_all
+
+        stop_all(grace=3.0)
+
+
+@pytest.fixture
+def hub(rbee_env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    server = HubServer().start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tiny_registered(rbee_env: Env, tiny_model: Path) -> str:
+    """The tiny model imported into this test's RBEE_HOME as id "tiny"."""
+    r = run("rbee-hive", "models", "import", str(tiny_model), "--id", "tiny", "--format", "json")
+    assert r.returncode == 0, r
+    return "tiny"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if shutil.which("sshd") or os.path.exists("/usr/sbin/sshd"):
+        return
+    skip = pytest.mark.skip(
+        reason="OpenSSH's sshd is not installed: run scripts/install-test-deps.sh")
+    for item in items:
+        if "ssh" in item.keywords:
+            if os.environ.get("RBEE_REQUIRE_SSHD") == "1":
+                raise pytest.UsageError("sshd is required (RBEE_REQUIRE_SSHD=1) but not installed")
+            item.add_marker(skip)
