@@ -91,3 +91,42 @@ class Interrupted(RbeeError):
 
     code = "CANCELLED"
     exit_code = 130
+
+
+class InsufficientMemory(RbeeError):
+    """The model at this context size needs more memory than the device has free."""
+
+    code = "INSUFFICIENT_RAM"
+
+
+class InsufficientVram(InsufficientMemory):
+    """The model at this context size needs more VRAM than the GPU has free."""
+
+    code = "INSUFFICIENT_VRAM"
+
+
+class InsufficientRam(InsufficientMemory):
+    """The model at this context size needs more RAM than is available."""
+
+    code = "INSUFFICIENT_RAM"
+
+
+class WorkerCrashed(RbeeError):
+    """The worker process is gone (or stopped answering)."""
+
+    code = "WORKER_CRASHED"
+    default_hint = "Read its log with `rbee-hive worker logs ID`, then stop it to clear the record."
+
+
+class WorkerNotFound(RbeeError):
+    """No worker with this id is registered."""
+
+    code = "WORKER_NOT_FOUND"
+    default_hint = "List the workers with `rbee-hive worker list` (or `rbee workers list`)."
+
+
+class AllSlotsBusy(RbeeError):
+    """The worker is already running a job (one at a time in M0)."""
+
+    code = "ALL_SLOTS_BUSY"
+    default_hint = "Retry after the Retry-After seconds, or spawn another worker."

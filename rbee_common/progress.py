@@ -156,7 +156,8 @@ class PlainReporter:
         elif kind == "done" and phase in self._started:
             began, message = self._started.pop(phase)
             took = time.monotonic() - began
-            sys.stderr.write(f"{event.get('message') or message + ': done'} ({took:.1f}s)\n")
+            done = event.get("message") or f"{message}: done ({took:.1f}s)"
+            sys.stderr.write(f"{done}\n")
         elif kind == "log":
             sys.stderr.write(f"{event.get('message', '')}\n")
         sys.stderr.flush()

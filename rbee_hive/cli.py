@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from rbee_common.clikit import FormatOpt, VersionOpt
@@ -25,8 +27,18 @@ app.add_typer(git_app, name="git")
 
 
 @app.callback()
-def _root(version: VersionOpt = None) -> None:
+def _root(
+    version: VersionOpt = None,
+    stdin_json: Annotated[bool, typer.Option(
+        "--stdin-json", hidden=True,
+        help="Read {env, token} as one JSON line from stdin (how `rbee` passes secrets).")]
+    = False,
+) -> None:
     """Models, GPU inventory and workers of this host (rbee's per-host half)."""
+    if stdin_json:
+        from rbee_hive.preamble import read_preamble
+
+        read_preamble()
 
 
 @app.command()

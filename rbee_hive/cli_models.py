@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from rbee_common.clikit import FormatOpt, reporting
+from rbee_common.errors import UsageError
 from rbee_common.output import Format, emit
 from rbee_hive import schemas
 
@@ -81,6 +84,8 @@ def download(ref: Annotated[str, typer.Argument(help="Catalog id, hf:…, https:
              model_id: IdOpt = None,
              retries: Annotated[int | None, typer.Option(
                  help="Retries of a dropped connection (default 3).")] = None,
+             sha256: Annotated[str | None, typer.Option(
+                 help="Expected sha256 (overrides the catalog's).")] = None,
              fmt: FormatOpt = Format.text) -> None:
     """Download a model (resumable), verify it, and register it.
 
@@ -94,6 +99,10 @@ def download(ref: Annotated[str, typer.Argument(help="Catalog id, hf:…, https:
 
     store = ModelStore()
     spec, _ = store.resolve(ref)
+    if sha256 is not None:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise UsageError("--sha256 takes 64 lower-case hex digits")
+        spec = dataclasses.replace(spec, sha256=sha256)
     with reporting(fmt) as report:
         record = fetch(with_id(spec, model_id), store, report, retries)
     emit({"schema": schemas.MODEL, **record}, fmt, render_model)

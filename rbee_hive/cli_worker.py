@@ -54,7 +54,9 @@ def spawn(
 
     token = None
     if token_stdin:
-        token = sys.stdin.readline().strip()
+        from rbee_hive.preamble import stdin_token
+
+        token = stdin_token()
         if len(token) < 16:
             raise UsageError("--token-stdin needs a token of at least 16 characters on stdin")
     with reporting(fmt) as report:

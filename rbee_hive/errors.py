@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from rbee_common.errors import RbeeError
+from rbee_common.errors import (  # noqa: F401  (re-exported: raised by rbee-hive)
+    InsufficientRam,
+    InsufficientVram,
+    RbeeError,
+    WorkerCrashed,
+    WorkerNotFound,
+)
 
 
 class DownloadFailed(RbeeError):
@@ -20,22 +26,7 @@ class ChecksumMismatch(RbeeError):
                     "catalog.toml, then download again.")
 
 
-class InsufficientMemory(RbeeError):
-    """The model at this context size needs more memory than the device has free."""
 
-    code = "INSUFFICIENT_RAM"
-
-
-class InsufficientVram(InsufficientMemory):
-    """The model at this context size needs more VRAM than the GPU has free."""
-
-    code = "INSUFFICIENT_VRAM"
-
-
-class InsufficientRam(InsufficientMemory):
-    """The model at this context size needs more RAM than is available."""
-
-    code = "INSUFFICIENT_RAM"
 
 
 class NoFreePort(RbeeError):
@@ -52,18 +43,6 @@ class LoadingTimeout(RbeeError):
     default_hint = "Read the log lines above; a large model may need --timeout to be raised."
 
 
-class WorkerCrashed(RbeeError):
-    """The worker process is gone."""
-
-    code = "WORKER_CRASHED"
-    default_hint = "Read its log with `rbee-hive worker logs ID`, then stop it to clear the record."
-
-
-class WorkerNotFound(RbeeError):
-    """No worker with this id is registered on this host."""
-
-    code = "WORKER_NOT_FOUND"
-    default_hint = "List the workers with `rbee-hive worker list`."
 
 
 class ModelInUse(RbeeError):

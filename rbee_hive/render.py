@@ -16,7 +16,7 @@ from rbee_hive import schemas
 Doc = dict[str, Any]
 
 
-def _table(*columns: str) -> Any:
+def table(*columns: str) -> Any:
     from rich.table import Table
 
     t = Table(box=None, pad_edge=False, header_style="bold")
@@ -45,7 +45,7 @@ def _mem(d: Doc) -> str:
 
 
 def devices_table(doc: Doc) -> Any:
-    t = _table("DEVICE", "NAME", "MEMORY")
+    t = table("DEVICE", "NAME", "MEMORY")
     for d in doc["devices"]:
         t.add_row(f"{d['backend']}:{d['index']}", d.get("name") or "", _mem(d))
     return t
@@ -59,7 +59,7 @@ def backends_line(doc: Doc) -> str:
 
 
 def models_table(models: list[Doc]) -> Any:
-    t = _table("ID", "SIZE", "QUANT", "PARAMS", "CTX", "SOURCE")
+    t = table("ID", "SIZE", "QUANT", "PARAMS", "CTX", "SOURCE")
     for m in models:
         g = m.get("gguf", m)
         t.add_row(m["id"], human_bytes(m.get("size")), str(g.get("file_type") or ""),
@@ -69,7 +69,7 @@ def models_table(models: list[Doc]) -> Any:
 
 
 def workers_table(workers: list[Doc]) -> Any:
-    t = _table("ID", "STATE", "MODEL", "DEVICE", "URL", "PID")
+    t = table("ID", "STATE", "MODEL", "DEVICE", "URL", "PID")
     for w in workers:
         state = w["state"]
         style = {"ready": "green", "busy": "yellow", "loading": "cyan"}.get(state, "red")
@@ -104,7 +104,7 @@ def render_detect(doc: Doc) -> None:
 
 
 def render_catalog(doc: Doc) -> None:
-    t = _table("ID", "NAME", "SIZE", "HERE", "SOURCE")
+    t = table("ID", "NAME", "SIZE", "HERE", "SOURCE")
     for m in doc["models"]:
         t.add_row(m["id"], m["name"], human_bytes(m.get("size")) if m.get("size") else "",
                   "yes" if m.get("downloaded") else "", m["source"])

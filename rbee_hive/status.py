@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from rbee_common import __version__
+from rbee_common.estimate import reserve_bytes
 from rbee_common.paths import rbee_home
 from rbee_hive import schemas
 from rbee_hive.devices import detect
@@ -46,6 +47,7 @@ def status() -> dict[str, Any]:
     return {
         "schema": schemas.STATUS,
         "host": host_info(),
+        "reserve_bytes": reserve_bytes(),
         "backends": inventory["backends"],
         "devices": inventory["devices"],
         "models": [model_summary(m) for m in ModelStore().list()],

@@ -9,7 +9,6 @@ distinct ports.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from rbee_common.estimate import (
     reserve_bytes,
 )
 from rbee_common.files import atomic_write_bytes, atomic_write_json, locked, read_json
+from rbee_common.http import get_health
 from rbee_common.paths import rbee_home
 from rbee_common.progress import Reporter, null_reporter
 from rbee_hive import schemas
@@ -136,16 +136,9 @@ def _probe_host(bind: str) -> str:
 
 def http_health(host: str, port: int, timeout: float = 1.0) -> dict[str, Any] | None:
     """GET /health with the standard library: status must not pay for an HTTP client import."""
-    conn = http.client.HTTPConnection(_probe_host(host), port, timeout=timeout)
-    try:
-        conn.request("GET", "/health")
-        resp = conn.getresponse()
-        body = resp.read()
-        return dict(json.loads(body)) if resp.status == 200 else None
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
+    probe = _probe_host(host)
+    return get_health(f"http://[{probe}]:{port}" if ":" in probe else f"http://{probe}:{port}",
+                      timeout)
 
 
 def log_tail(path: Path, lines: int = 20) -> list[str]:

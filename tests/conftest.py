@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run
+from tests.helpers import BIN, run
 from tests.hubserver import HubServer
+from tests.sshd import Sshd, free_port, keygen, user
 from tests.tinymodel import write_tiny_model
 
 
@@ -43,11 +44,12 @@ def rbee_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     settings = {
         "HOME": str(env.home), "RBEE_HOME": str(env.rbee_home), "RBEE_CONFIG_DIR": str(env.config),
         "NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb", "HF_HOME": str(tmp_path / "hf"),
-        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
     }
     for k, v in settings.items():
         monkeypatch.setenv(k, v)
-    for k in ("HF_TOKEN", "HF_ENDPOINT", "RBEE_DEBUG", "RBEE_RESERVE_MIB", "RBEE_LOAD_TIMEOUT",
+    for k in ("SSH_AUTH_SOCK", "HF_TOKEN", "HF_ENDPOINT", "RBEE_DEBUG", "RBEE_RESERVE_MIB", "RBEE_LOAD_TIMEOUT",
               "RBEE_WORKER_BIND", "RBEE_DOWNLOAD_RETRIES", "RBEE_CHECKOUT"):
         monkeypatch.delenv(k, raising=False)
     yield env
@@ -83,3 +85,86 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if os.environ.get("RBEE_REQUIRE_SSHD") == "1":
                 raise pytest.UsageError("sshd is required (RBEE_REQUIRE_SSHD=1) but not installed")
             item.add_marker(skip)
+
+
+@dataclass
+class SshMaterial:
+    dir: Path
+    client_key: Path
+    authorized_keys: Path
+
+    def host_key(self, i: int) -> Path:
+        path = self.dir / f"host{i}_ed25519"
+        return path if path.exists() else keygen(path)
+
+
+@pytest.fixture(scope="session")
+def ssh_material(tmp_path_factory: pytest.TempPathFactory) -> SshMaterial:
+    d = tmp_path_factory.mktemp("ssh")
+    client = keygen(d / "client_ed25519")
+    authorized = d / "authorized_keys"
+    authorized.write_text(Path(f"{client}.pub").read_text())
+    return SshMaterial(d, client, authorized)
+
+
+@dataclass
+class SshHost:
+    name: str
+    sshd: Sshd
+    rbee_home: Path
+    config: Path
+
+
+class SshPool:
+    """Real sshd instances for one test, written into its hosts.toml and ~/.ssh."""
+
+    def __init__(self, env: Env, material: SshMaterial) -> None:
+        self.env, self.material = env, material
+        self.hosts: list[SshHost] = []
+
+    def start(self, n: int, *, known: bool = True, hive: str | None = None,
+              extra_env: dict[str, str] | None = None) -> list[SshHost]:
+        ssh_dir = self.env.home / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        key = ssh_dir / "id_ed25519"
+        if not key.exists():
+            shutil.copy(self.material.client_key, key)
+            key.chmod(0o600)
+            (ssh_dir / "config").write_text(
+                f"Host 127.0.0.*\n  User {user()}\n  IdentityFile {key}\n"
+                "  IdentitiesOnly yes\n")
+        first = len(self.hosts)
+        for i in range(first, first + n):
+            address = f"127.0.0.{10 + i}"
+            d = self.env.root / "hosts" / f"h{i + 1}"
+            d.mkdir(parents=True)
+            sshd = Sshd(f"h{i + 1}", address, free_port(address), d, self.material.host_key(i))
+            sshd.start(self.material.authorized_keys)
+            host = SshHost(sshd.name, sshd, d / "rbee-home", d / "config")
+            self.hosts.append(host)
+            if known:
+                with open(ssh_dir / "known_hosts", "a") as f:
+                    f.write(sshd.known_hosts_line)
+            env = {"RBEE_HOME": str(host.rbee_home), "RBEE_CONFIG_DIR": str(host.config),
+                   **({"HF_ENDPOINT": os.environ["HF_ENDPOINT"]}
+                      if "HF_ENDPOINT" in os.environ else {}), **(extra_env or {})}
+            pairs = ", ".join(f'{k} = "{v}"' for k, v in env.items())
+            with open(self.env.config / "hosts.toml", "a") as f:
+                f.write(f'\n[hosts.{sshd.name}]\nssh = "{user()}@{address}:{sshd.port}"\n'
+                        f'hive = "{hive or BIN / "rbee-hive"}"\naddress = "{address}"\n'
+                        f"env = {{ {pairs} }}\n")
+        return self.hosts[first:]
+
+    def close(self) -> None:
+        for h in self.hosts:
+            if (h.rbee_home / "workers").is_dir():
+                run("rbee-hive", "worker", "stop", "--all", "--timeout", "3",
+                    env={"RBEE_HOME": str(h.rbee_home)})
+            h.sshd.stop()
+
+
+@pytest.fixture
+def ssh_pool(rbee_env: Env, ssh_material: SshMaterial) -> Iterator[SshPool]:
+    pool = SshPool(rbee_env, ssh_material)
+    yield pool
+    pool.close()

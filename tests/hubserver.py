@@ -103,14 +103,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_body(self, body: bytes, etag: str, extra: dict[str, str], head: bool) -> None:
         st = self.server.state
-        start = 0
+        start, end = 0, len(body)
         status = 200
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
         if rng and (if_range is None or if_range.strip('"') == etag):
-            m = re.match(r"bytes=(\d+)-$", rng)
+            m = re.match(r"bytes=(\d+)-(\d*)$", rng)
             if m:
                 start = int(m.group(1))
+                end = min(int(m.group(2)) + 1, len(body)) if m.group(2) else len(body)
                 if start >= len(body):
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(body)}")
@@ -119,14 +120,14 @@ class Handler(BaseHTTPRequestHandler):
                     self._record(416, 0)
                     return
                 status = 206
-        chunk = body[start:]
+        chunk = body[start:end]
         self.send_response(status)
         self.send_header("Content-Length", str(len(chunk)))
         self.send_header("ETag", f'"{etag}"')
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/octet-stream")
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
         for k, v in extra.items():
             self.send_header(k, v)
         self.end_headers()

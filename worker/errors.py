@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rbee_common.errors import RbeeError
+from rbee_common.errors import AllSlotsBusy, RbeeError  # noqa: F401  (re-exported)
 
 
 class BackendUnavailable(RbeeError):
@@ -39,12 +39,6 @@ class InvalidRequest(RbeeError):
 
     code = "INVALID_REQUEST"
 
-
-class AllSlotsBusy(RbeeError):
-    """The worker is already running a job (one at a time in M0)."""
-
-    code = "ALL_SLOTS_BUSY"
-    default_hint = "Retry after the Retry-After seconds, or spawn another worker."
 
 
 class WorkerLoading(RbeeError):

@@ -1,0 +1,39 @@
+"""Settings a controller sends on stdin instead of the command line (where `ps` shows them).
+
+`rbee-hive --stdin-json …` reads one JSON line first: {"env": {...}, "token": "..."}. The
+env is applied to this process; the token is kept for `worker spawn --token-stdin`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any
+
+from rbee_common.errors import UsageError
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_preamble: dict[str, Any] = {}
+
+
+def read_preamble() -> None:
+    line = sys.stdin.readline()
+    try:
+        doc = json.loads(line)
+    except ValueError as e:
+        raise UsageError("--stdin-json expects one JSON object on stdin's first line") from e
+    env = doc.get("env") or {}
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str)
+            for k, v in env.items()):
+        raise UsageError("--stdin-json: env must map variable names to strings")
+    os.environ.update(env)
+    _preamble.update(doc)
+
+
+def stdin_token() -> str:
+    """The worker token: from the preamble when one was read, else stdin's next line."""
+    token = _preamble.get("token")
+    return str(token) if token else sys.stdin.readline().strip()

@@ -1,0 +1,1 @@
+"""rbee: the controller — hosts over SSH, placement, and `rbee infer`."""

@@ -1,0 +1,78 @@
+"""Workers this controller knows, with their tokens: how a warm `rbee infer` skips SSH.
+
+Kept in $RBEE_CONFIG_DIR/workers.json, mode 0600 (it holds bearer tokens). An entry is
+only a hint: it is checked with GET /health before use and dropped when stale.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rbee_common.files import atomic_write_json, locked, read_json
+from rbee_common.paths import config_dir
+
+SCHEMA = "rbee.keeper.workers/v1"
+
+
+@dataclass(frozen=True)
+class KnownWorker:
+    host: str
+    id: str
+    url: str
+    token: str
+    model: str
+    backend: str
+    device: int
+    ctx: int
+    added_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("token")
+        return d
+
+
+def cache_path() -> Path:
+    return config_dir() / "workers.json"
+
+
+def load() -> list[KnownWorker]:
+    doc = read_json(cache_path(), default={}) or {}
+    out = []
+    for w in doc.get("workers", []):
+        try:
+            out.append(KnownWorker(**w))
+        except TypeError:
+            continue  # an entry from another version: ignore it
+    return out
+
+
+def _save(workers: list[KnownWorker]) -> None:
+    atomic_write_json(cache_path(), {"schema": SCHEMA, "workers": [asdict(w) for w in workers]},
+                      mode=0o600)
+
+
+def remember(worker: KnownWorker) -> None:
+    with locked(cache_path().with_suffix(".lock")):
+        rest = [w for w in load() if w.id != worker.id or w.host != worker.host]
+        _save([*rest, KnownWorker(**{**asdict(worker), "added_at": time.time()})])
+
+
+def forget(worker_id: str, host: str | None = None) -> None:
+    with locked(cache_path().with_suffix(".lock")):
+        workers = load()
+        keep = [w for w in workers if not (w.id == worker_id and host in (None, w.host))]
+        if len(keep) != len(workers):
+            _save(keep)
+
+
+def matching(model: str, hosts: set[str], backend: str | None, device: int | None,
+             ctx: int | None) -> list[KnownWorker]:
+    return [w for w in load()
+            if w.model == model and w.host in hosts
+            and (backend is None or w.backend == backend)
+            and (device is None or w.device == device)
+            and (ctx is None or w.ctx >= ctx)]

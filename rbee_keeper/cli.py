@@ -1,0 +1,103 @@
+"""rbee: run LLMs across the GPU machines of a home lab, over plain SSH."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from rbee_common.clikit import FormatOpt, VersionOpt, reporting
+from rbee_common.errors import UsageError
+from rbee_common.output import Format, console, run_app, write_json
+from rbee_keeper.cli_hosts import app as hosts_app
+from rbee_keeper.cli_pool import pool
+from rbee_keeper.cli_workers import app as workers_app
+
+app = typer.Typer(
+    name="rbee",
+    help="Run local LLMs across the GPU machines of a home lab, over plain SSH.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(hosts_app, name="hosts")
+app.add_typer(workers_app, name="workers")
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+            add_help_option=False)(pool)
+
+AcceptNewOpt = Annotated[bool, typer.Option(
+    "--accept-new-host-key",
+    help="Trust and remember SSH host keys not yet in known_hosts (never a changed key).")]
+
+
+@app.callback()
+def _root(version: VersionOpt = None) -> None:
+    """Run local LLMs across the GPU machines of a home lab, over plain SSH."""
+
+
+@app.command()
+def infer(
+    model: Annotated[str, typer.Option("--model", "-m",
+                                       help="Catalog id, hf:…, https://… or file:…")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt; - reads stdin.")],
+    host: Annotated[list[str] | None, typer.Option("--host", help="Only these hosts.")] = None,
+    backend: Annotated[str | None, typer.Option(help="cpu, cuda or metal.")] = None,
+    device: Annotated[int | None, typer.Option(help="Device index.")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context size of a new worker.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
+    = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="Top-k sampling (0 = off).")] = 40,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    accept_new_host_key: AcceptNewOpt = False,
+    fmt: FormatOpt = Format.text,
+) -> None:
+    """Run a prompt: place it, fetch the model and start a worker if needed, stream tokens.
+
+    Examples:
+      rbee infer -m qwen2.5-0.5b -p "Why is the sky blue?"
+      echo "Summarise: …" | rbee infer -m tinyllama -p - --host mac --format json
+    """
+    from rbee_keeper import infer as infer_mod
+    from rbee_keeper.render import infer_summary
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text:
+        raise UsageError("the prompt is empty")
+    if backend is not None and backend not in ("cpu", "cuda", "metal"):
+        raise UsageError(f"--backend {backend!r}: choose cpu, cuda or metal")
+    req = infer_mod.InferRequest(
+        model=model, prompt=text, hosts=tuple(host or ()), backend=backend, device=device,
+        ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        seed=seed, stop=tuple(stop or ()))
+    printed: list[str] = []
+
+    def on_text(t: str) -> None:
+        printed.append(t)
+        if fmt is Format.text:
+            sys.stdout.write(t)
+            sys.stdout.flush()
+        elif fmt is Format.ndjson:
+            write_json({"event": "token", "t": t})
+
+    try:
+        with reporting(fmt) as report:
+            doc = infer_mod.run(req, on_text, report, accept_new_host_key)
+    finally:
+        if fmt is Format.text and printed and not "".join(printed).endswith("\n"):
+            sys.stdout.write("\n")  # the partial text stays, on its own line
+            sys.stdout.flush()
+    if fmt is Format.text:
+        console(stderr=True).print(infer_summary(doc))
+    elif fmt is Format.ndjson:
+        write_json({"event": "result", "result": doc})
+    else:
+        write_json(doc)
+
+
+def main() -> None:
+    run_app(app, "rbee")

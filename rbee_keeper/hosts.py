@@ -1,0 +1,181 @@
+"""hosts.toml: the hosts of the pool (DESIGN.md §2).
+
+With no hosts.toml, the pool is one host: `localhost`, run as a subprocess (no SSH).
+`add` and `rm` edit the file's text, so the user's comments and layout survive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rbee_common.config import load_toml, toml_string, validate
+from rbee_common.errors import ConfigInvalid, UsageError
+from rbee_common.files import atomic_write_bytes, locked
+from rbee_common.paths import config_dir
+from rbee_keeper.errors import UnknownHost
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ENV_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class HostConfig(BaseModel):
+    """One `[hosts.NAME]` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""
+    transport: Literal["local", "ssh"] = "ssh"
+    ssh: str | None = Field(default=None, pattern=r"^[^\s'\"`$;&|<>]+$")
+    hive: str = "rbee-hive"
+    env: dict[str, str] = {}
+    address: str | None = None
+    bind: str | None = None
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    strict_host_key_checking: Literal["yes", "accept-new"] = "yes"
+
+    @model_validator(mode="after")
+    def _needs_ssh(self) -> HostConfig:
+        if self.transport == "ssh" and not self.ssh:
+            raise ValueError("an ssh host needs ssh = \"user@host[:port]\" (or an ssh alias)")
+        for key in self.env:
+            if not re.match(ENV_RE, key):
+                raise ValueError(f"env: {key!r} is not a variable name")
+        return self
+
+    def ssh_target(self) -> tuple[str, str | None, int | None]:
+        """(host, user, port) from `ssh = "user@host:port"`; None where not given."""
+        assert self.ssh
+        user, _, rest = self.ssh.rpartition("@")
+        host, port = rest, None
+        if rest.startswith("["):  # [ipv6]:port
+            host, _, tail = rest[1:].partition("]")
+            port = int(tail[1:]) if tail.startswith(":") else None
+        elif rest.count(":") == 1:
+            host, p = rest.split(":")
+            port = int(p)
+        return host, user or None, port
+
+    def worker_address(self) -> str:
+        """Where the controller reaches this host's workers."""
+        if self.address:
+            return self.address
+        if self.transport == "local":
+            return "127.0.0.1"
+        return self.ssh_target()[0]
+
+    def worker_bind(self) -> str:
+        """What workers listen on: `bind`, else the address when it is an IP, else all."""
+        if self.bind:
+            return self.bind
+        address = self.worker_address()
+        try:
+            ipaddress.ip_address(address)
+            return address
+        except ValueError:
+            return "0.0.0.0"
+
+    def hive_argv(self) -> list[str]:
+        return shlex.split(self.hive)
+
+
+class HostsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: dict[str, HostConfig] = {}
+
+
+def hosts_path() -> Path:
+    return config_dir() / "hosts.toml"
+
+
+DEFAULT_HOSTS = {"localhost": HostConfig(name="localhost", transport="local")}
+
+
+def load_hosts() -> dict[str, HostConfig]:
+    """The hosts of hosts.toml, or the implicit `localhost` when there is no file."""
+    path = hosts_path()
+    if not path.is_file():
+        return dict(DEFAULT_HOSTS)
+    data, text = load_toml(path)
+    parsed = validate(HostsFile, data, path, text)
+    hosts = {}
+    for name, host in parsed.hosts.items():
+        if not NAME_RE.match(name):
+            raise ConfigInvalid(f"{path}: host name {name!r} may use letters, digits, . _ -",
+                                file=str(path))
+        hosts[name] = host.model_copy(update={"name": name})
+    return hosts
+
+
+def get_host(name: str, hosts: dict[str, HostConfig] | None = None) -> HostConfig:
+    hosts = load_hosts() if hosts is None else hosts
+    if name not in hosts:
+        known = ", ".join(sorted(hosts)) or "none"
+        raise UnknownHost(f"no host {name!r} in {hosts_path()} (known: {known})")
+    return hosts[name]
+
+
+def select(names: list[str] | None) -> dict[str, HostConfig]:
+    hosts = load_hosts()
+    if not names:
+        return hosts
+    return {n: get_host(n, hosts) for n in names}
+
+
+def _section_header(name: str) -> re.Pattern[str]:
+    return re.compile(rf'^\s*\[\s*hosts\s*\.\s*(?:{re.escape(name)}|"{re.escape(name)}")\s*\]')
+
+
+def add_host(name: str, host: HostConfig) -> Path:
+    if not NAME_RE.match(name):
+        raise UsageError(f"{name!r} is not a valid host name", hint="Use letters, digits, . _ -")
+    path = hosts_path()
+    with locked(path.with_suffix(".lock")):
+        if name in load_hosts() and path.is_file():
+            raise UsageError(f"host {name!r} is already in {path}",
+                             hint=f"Remove it first: rbee hosts rm {name}")
+        # a new file keeps the controller's own machine in the pool, as it was implicitly
+        text = path.read_text() if path.is_file() else (
+            "# rbee hosts — see `rbee hosts --help`\n\n"
+            "[hosts.localhost]\ntransport = \"local\"\n")
+        lines = [f"\n[hosts.{name}]"]
+        if host.transport == "local":
+            lines.append('transport = "local"')
+        else:
+            lines.append(f"ssh = {toml_string(host.ssh or '')}")
+        if host.hive != "rbee-hive":
+            lines.append(f"hive = {toml_string(host.hive)}")
+        if host.address:
+            lines.append(f"address = {toml_string(host.address)}")
+        if host.env:
+            pairs = ", ".join(f"{k} = {toml_string(v)}" for k, v in host.env.items())
+            lines.append(f"env = {{ {pairs} }}")
+        new = text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+        atomic_write_bytes(path, new.encode())
+        load_hosts()  # what we wrote must read back
+    return path
+
+
+def remove_host(name: str) -> Path:
+    path = hosts_path()
+    with locked(path.with_suffix(".lock")):
+        get_host(name)
+        if not path.is_file():
+            raise UsageError("the implicit localhost cannot be removed; there is no hosts.toml")
+        lines = path.read_text().splitlines(keepends=True)
+        header = _section_header(name)
+        start = next(i for i, line in enumerate(lines) if header.match(line))
+        end = next((i for i in range(start + 1, len(lines))
+                    if re.match(r"^\s*\[", lines[i])), len(lines))
+        # comments just above the next header belong to that header: keep them
+        while end > start + 1 and (not lines[end - 1].strip()
+                                   or lines[end - 1].lstrip().startswith("#")):
+            end -= 1
+        atomic_write_bytes(path, "".join(lines[:start] + lines[end:]).encode())
+    return path

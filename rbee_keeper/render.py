@@ -1,0 +1,104 @@
+"""How the controller's own documents look in text mode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.markup import escape
+
+from rbee_common.estimate import human_bytes
+from rbee_common.output import console
+from rbee_hive.render import table
+
+Doc = dict[str, Any]
+
+
+def _error_line(err: Doc) -> str:
+    return f"[red]{err['code']}[/]: {escape(err['message'])}"
+
+
+def render_hosts(doc: Doc) -> None:
+    con = console()
+    t = table("NAME", "TRANSPORT", "SSH", "WORKERS AT", "HIVE", "ENV")
+    for h in doc["hosts"]:
+        t.add_row(h["name"], h["transport"], h.get("ssh") or "", h["address"], h["hive"],
+                  ", ".join(h["env_keys"]))
+    con.print(t)
+    if not doc["exists"]:
+        con.print(f"[dim](no {escape(doc['file'])}: the controller itself is the pool; "
+                  "add hosts with `rbee hosts add NAME --ssh USER@HOST`)[/]")
+
+
+def render_host_changed(doc: Doc) -> None:
+    verb = "added" if doc["action"] == "add" else "removed"
+    console().print(f"{verb} {doc['name']} ({escape(doc['file'])})")
+    if doc["action"] == "add":
+        console().print(f"[dim]check it with `rbee hosts check {doc['name']}`[/]")
+
+
+def _devices(status: Doc) -> str:
+    available = {b["name"] for b in status["backends"] if b["available"]}
+    return ", ".join(f"{d['backend']}:{d['index']} {human_bytes(d.get('memory_free'))} free"
+                     for d in status["devices"] if d["backend"] in available)
+
+
+def render_pool_status(doc: Doc) -> None:
+    con = console()
+    t = table("HOST", "STATE", "DEVICES", "MODELS", "WORKERS", "TIME")
+    problems = []
+    for h in doc["hosts"]:
+        took = f"{h['elapsed_ms'] / 1000:.1f}s"
+        if not h["ok"]:
+            t.add_row(h["name"], "[red]error[/]", "", "", "", took)
+            problems.append(f"{h['name']}: {_error_line(h['error'])}")
+            continue
+        st = h["status"]
+        workers = st["workers"]
+        summary = ", ".join(f"{w['id']} {w['state']} ({w['model']})" for w in workers) or "-"
+        t.add_row(h["name"], "[green]ok[/]", _devices(st),
+                  ", ".join(m["id"] for m in st["models"]) or "-", summary, took)
+    con.print(t)
+    for p in problems:
+        console(stderr=True).print(p)
+
+
+def render_check(doc: Doc) -> None:
+    con = console()
+    for h in doc["hosts"]:
+        steps = " ".join(f"{c['check']}:{'[green]ok[/]' if c['ok'] else '[red]fail[/]'}"
+                         if c["ok"] is not None else f"[dim]{c['check']}:-[/]"
+                         for c in h["checks"])
+        con.print(f"[bold]{h['name']}[/]  {steps}")
+        if h["ok"]:
+            st = h["status"]
+            con.print(f"  rbee {st['host']['rbee_version']} on {st['host']['hostname']}; "
+                      f"{_devices(st)}")
+        else:
+            con.print(f"  {_error_line(h['error'])}")
+            if h["error"].get("hint"):
+                con.print(f"  [dim]Hint: {escape(h['error']['hint'])}[/]")
+
+
+def render_workers(doc: Doc) -> None:
+    con = console()
+    t = table("HOST", "ID", "STATE", "MODEL", "DEVICE", "URL")
+    for w in doc["workers"]:
+        t.add_row(w["host"], w["id"], w["state"], w["model"], f"{w['backend']}:{w['device']}",
+                  w["url"])
+    if doc["workers"]:
+        con.print(t)
+    else:
+        con.print("[dim]No workers.[/]")
+    for h in doc["hosts"]:
+        if not h["ok"]:
+            console(stderr=True).print(f"{h['name']}: {_error_line(h['error'])}")
+
+
+def infer_summary(doc: Doc) -> str:
+    t = doc["timings"]
+    w = doc["worker"]
+    tps = t.get("tokens_per_sec")
+    rate = f"{tps:.1f} tok/s · " if tps else ""
+    return (f"[dim]{doc['tokens']} tokens · {rate}first token {t['ttft_ms']:.0f} ms · "
+            f"{doc['host']} {w['backend']}:{w['device']} {w['id']} ({doc['placement']['path']})"
+            f" · {t['total_ms'] / 1000:.2f}s[/]")

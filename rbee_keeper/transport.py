@@ -1,0 +1,309 @@
+"""How the controller runs `rbee-hive` on a host: a local subprocess, or a command over SSH.
+
+Both speak the same thing: `rbee-hive … --format ndjson`, progress events then one result
+(or error) line. Over SSH, the host's env and any secret (a worker token) travel as one JSON
+line on stdin (`--stdin-json`), never on the remote command line where `ps` would show them.
+One SSH connection per host is opened per invocation and reused by all its commands.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rbee_common.errors import RbeeError
+from rbee_common.progress import Reporter
+from rbee_keeper.errors import (
+    HiveNotInstalled,
+    HostKeyMismatch,
+    HostKeyUnknown,
+    HostUnreachable,
+    SshAuthFailed,
+)
+from rbee_keeper.hosts import HostConfig
+
+log = logging.getLogger("rbee.keeper.transport")
+
+CONNECT_ATTEMPTS = 2
+PROGRESS_EVENTS = frozenset({"phase", "progress", "done", "log"})
+
+
+@dataclass
+class HiveReply:
+    exit_code: int = 0
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    stderr: str = ""
+    stray: list[str] = field(default_factory=list)
+
+    def consume(self, line: str, on_event: Reporter | None,
+                on_line: Callable[[str], None] | None) -> None:
+        line = line.rstrip("\r\n")
+        if not line:
+            return
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or "event" not in doc:
+            if on_line is not None:
+                on_line(line)
+            else:
+                self.stray.append(line)  # e.g. a login banner printed by a shell rc file
+            return
+        kind = doc["event"]
+        if kind == "result":
+            self.result = doc.get("result")
+        elif kind == "error":
+            self.error = doc
+        elif kind == "line" and on_line is not None:
+            on_line(str(doc.get("line", "")))
+        elif kind in PROGRESS_EVENTS and on_event is not None:
+            on_event(doc)
+
+
+def _drain(stream: Any, sink: list[bytes]) -> threading.Thread:
+    def run() -> None:
+        sink.append(stream.read())
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+class LocalTransport:
+    """rbee-hive as a subprocess of this controller: the `transport = "local"` host."""
+
+    def __init__(self, host: HostConfig) -> None:
+        self.host = host
+
+    def argv(self) -> list[str]:
+        hive = [os.path.expanduser(a) for a in self.host.hive_argv()]
+        sibling = Path(sys.executable).parent / "rbee-hive"
+        if hive == ["rbee-hive"] and sibling.exists():
+            hive = [str(sibling)]  # the hive of this very installation
+        return hive
+
+    def run(self, args: list[str], *, secrets: dict[str, str] | None = None,
+            on_event: Reporter | None = None, on_line: Callable[[str], None] | None = None,
+            timeout: float | None = None) -> HiveReply:
+        argv = self.argv()
+        stdin = None
+        if secrets:
+            argv.append("--stdin-json")
+            stdin = json.dumps({"env": {}, **secrets}) + "\n"
+        argv += args
+        env = {**os.environ, **self.host.env}
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        except FileNotFoundError as e:
+            raise HiveNotInstalled(f"{argv[0]!r} not found on this machine",
+                                   hint="Install rbee here, or set hive = \"/path/to/rbee-hive\" "
+                                        "for localhost in hosts.toml.") from e
+        assert proc.stdout is not None and proc.stderr is not None
+        if stdin is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(stdin.encode())
+            proc.stdin.close()
+        err: list[bytes] = []
+        drainer = _drain(proc.stderr, err)
+        reply = HiveReply()
+        try:
+            for raw in proc.stdout:
+                reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+            reply.exit_code = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        drainer.join(timeout=5)
+        reply.stderr = b"".join(err).decode("utf-8", errors="replace")
+        return reply
+
+    def close(self) -> None:
+        pass
+
+
+def fingerprint(key: Any) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _known_hosts_file(ssh_config: dict[str, Any]) -> Path:
+    configured = ssh_config.get("userknownhostsfile")
+    if isinstance(configured, list):
+        configured = configured[0] if configured else None
+    if configured:
+        return Path(os.path.expanduser(str(configured).split()[0]))
+    return Path("~/.ssh/known_hosts").expanduser()
+
+
+def _host_key_policy(accept_new: bool, known_hosts: Path) -> Any:
+    import paramiko
+
+    class Policy(paramiko.MissingHostKeyPolicy):
+        """Refuse unknown keys (OpenSSH's default), or add them with the opt-in (accept-new)."""
+
+        def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+            fp = fingerprint(key)
+            if not accept_new:
+                raise HostKeyUnknown(
+                    f"the SSH host key of {hostname} ({key.get_name()} {fp}) is not in "
+                    f"{known_hosts}",
+                    hint="Check the fingerprint, then run `rbee hosts check NAME "
+                         "--accept-new-host-key` (or `ssh` to the host once).",
+                    fingerprint=fp)
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(known_hosts, "a") as f:
+                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            log.info("added %s key %s of %s to %s", key.get_name(), fp, hostname, known_hosts)
+
+    return Policy()
+
+
+def _harden(conn: Any, accept_new: bool) -> None:
+    """Replace fabric's accept-any-key policy on this connection and every ProxyJump hop."""
+    known = _known_hosts_file(dict(conn.ssh_config))
+    client = conn.client
+    system = Path("/etc/ssh/ssh_known_hosts")
+    if system.is_file():
+        client.load_system_host_keys(str(system))
+    if known.is_file():
+        client.load_system_host_keys(str(known))
+    client.set_missing_host_key_policy(_host_key_policy(accept_new, known))
+    gateway = getattr(conn, "gateway", None)
+    if gateway is not None and not isinstance(gateway, str):
+        _harden(gateway, accept_new)
+
+
+def _remote_command(host: HostConfig, args: list[str]) -> str:
+    """The remote command line: every word quoted; a leading ~/ still means the home dir."""
+    hive = host.hive_argv()
+    first = hive[0]
+    head = '"$HOME"/' + shlex.quote(first[2:]) if first.startswith("~/") else shlex.quote(first)
+    return " ".join([head, *(shlex.quote(a) for a in [*hive[1:], "--stdin-json", *args])])
+
+
+class SshTransport:
+    """rbee-hive run over one SSH connection (opened on first use, reused after)."""
+
+    def __init__(self, host: HostConfig, accept_new: bool = False) -> None:
+        self.host = host
+        self.accept_new = accept_new or host.strict_host_key_checking == "accept-new"
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._conn is not None:
+                return self._conn
+            from fabric import Connection
+
+            target, user, port = self.host.ssh_target()
+            timeout = self.host.connect_timeout
+            last: RbeeError | None = None
+            for attempt in range(CONNECT_ATTEMPTS):
+                conn = Connection(target, user=user, port=port, connect_timeout=timeout,
+                                  connect_kwargs={"banner_timeout": timeout,
+                                                  "auth_timeout": timeout})
+                ssh_says = str(conn.ssh_config.get("stricthostkeychecking", "")).lower()
+                _harden(conn, self.accept_new or ssh_says in ("accept-new", "no", "off"))
+                try:
+                    conn.open()
+                    self._conn = conn
+                    return conn
+                except RbeeError:
+                    raise  # host key policy: no retry
+                except Exception as e:
+                    last = self._map_error(e, target, port or 22)
+                    conn.close()
+                    if not isinstance(last, HostUnreachable):
+                        raise last from e
+                if attempt + 1 < CONNECT_ATTEMPTS:
+                    time.sleep(0.3 * (attempt + 1))
+            assert last is not None
+            raise last
+
+    def _map_error(self, e: Exception, target: str, port: int) -> RbeeError:
+        import paramiko
+
+        where = f"{self.host.name} ({target}:{port})"
+        if isinstance(e, paramiko.BadHostKeyException):
+            return HostKeyMismatch(f"the SSH host key of {where} has CHANGED: expected "
+                                   f"{fingerprint(e.expected_key)}, got {fingerprint(e.key)}")
+        if isinstance(e, paramiko.AuthenticationException):
+            return SshAuthFailed(f"{where} refused our SSH keys: {e}")
+        if isinstance(e, socket.gaierror):
+            return HostUnreachable(f"cannot resolve {target}: {e.strerror}")
+        if isinstance(e, TimeoutError | socket.timeout):
+            return HostUnreachable(f"{where}: no answer within {self.host.connect_timeout:g}s")
+        if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
+            return HostUnreachable(f"{where}: connection refused")
+        if isinstance(e, paramiko.SSHException | OSError | EOFError):
+            return HostUnreachable(f"{where}: SSH failed: {e or type(e).__name__}")
+        return HostUnreachable(f"{where}: {type(e).__name__}: {e}")
+
+    def run(self, args: list[str], *, secrets: dict[str, str] | None = None,
+            on_event: Reporter | None = None, on_line: Callable[[str], None] | None = None,
+            timeout: float | None = None) -> HiveReply:
+        conn = self._connect()
+        command = _remote_command(self.host, args)
+        log.debug("%s$ %s", self.host.name, command)
+        try:
+            chan = conn.transport.open_session(timeout=self.host.connect_timeout)
+            chan.settimeout(timeout)
+            chan.exec_command(command)
+            chan.sendall((json.dumps({"env": self.host.env, **(secrets or {})}) + "\n").encode())
+            chan.shutdown_write()
+            err: list[bytes] = []
+            drainer = _drain(chan.makefile_stderr("rb"), err)
+            reply = HiveReply()
+            for raw in chan.makefile("rb"):
+                reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+            reply.exit_code = chan.recv_exit_status()
+            drainer.join(timeout=5)
+        except TimeoutError as e:
+            raise HostUnreachable(f"{self.host.name}: rbee-hive gave no answer within "
+                                  f"{timeout:g}s") from e
+        except (OSError, EOFError) as e:
+            raise HostUnreachable(f"{self.host.name}: the SSH connection broke: {e}") from e
+        reply.stderr = b"".join(err).decode("utf-8", errors="replace")
+        chan.close()
+        if reply.exit_code in (126, 127) and reply.result is None and reply.error is None:
+            first = (reply.stderr.strip().splitlines() or [""])[-1]
+            raise HiveNotInstalled(
+                f"{self.host.name}: could not run {self.host.hive!r} ({first or 'not found'})",
+                hint=f"Install rbee on {self.host.name}, or set hive = \"/full/path/to/rbee-hive\" "
+                     f"under [hosts.{self.host.name}] in hosts.toml (a non-interactive SSH "
+                     "session may not have your PATH).")
+        return reply
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+Transport = LocalTransport | SshTransport
+
+
+def make_transport(host: HostConfig, accept_new: bool = False) -> Transport:
+    if host.transport == "local":
+        return LocalTransport(host)
+    return SshTransport(host, accept_new)

@@ -1,0 +1,351 @@
+"""rbee, the controller, over real OpenSSH servers on loopback (one sshd per host)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Env, SshHost, SshPool
+from tests.helpers import error_of, popen, run
+from tests.hubserver import HubServer
+
+pytestmark = pytest.mark.ssh
+
+REPO = "rbee-test/Tiny-GGUF"
+SOURCE = f"hf:{REPO}/tiny.gguf"
+
+
+@pytest.fixture
+def catalog(rbee_env: Env, hub: HubServer, tiny_bytes: bytes) -> str:
+    """The controller's catalog names the tiny model, served by the loopback hub."""
+    hub.add_repo_file(REPO, "tiny.gguf", tiny_bytes)
+    (rbee_env.config / "catalog.toml").write_text(
+        f'[[models]]\nid = "tiny-hf"\nname = "Tiny"\nsource = "{SOURCE}"\n')
+    return "tiny-hf"
+
+
+def infer(*args: str, env: dict[str, str] | None = None) -> dict:
+    r = run("rbee", "infer", *args, "--format", "json", env=env)
+    assert r.returncode == 0, r
+    return dict(r.json())
+
+
+def test_pool_status_reports_every_host_and_exits_3_when_one_is_down(ssh_pool: SshPool) -> None:
+    h1, h2, h3 = ssh_pool.start(3)
+    h2.sshd.stop()
+    r = run("rbee", "pool", "status", "--format", "json")
+    assert r.returncode == 3, r
+    doc = r.json()
+    assert doc["schema"] == "rbee.pool.status/v1" and doc["status"] == "partial"
+    by = {h["name"]: h for h in doc["hosts"]}
+    assert by["h2"]["ok"] is False and by["h2"]["error"]["code"] == "HOST_UNREACHABLE"
+    for h in (h1, h3):
+        assert by[h.name]["ok"] is True
+        st = by[h.name]["status"]
+        assert st["schema"] == "rbee.hive.status/v1"
+        assert st["host"]["rbee_home"] == str(h.rbee_home)  # its own env reached it
+    text = run("rbee", "pool", "status")
+    assert text.returncode == 3
+    assert "h1" in text.stdout and "h3" in text.stdout and "error" in text.stdout
+    assert "HOST_UNREACHABLE" in text.stderr
+
+
+def test_unknown_host_key_is_refused_then_accepted_with_the_opt_in(ssh_pool: SshPool,
+                                                                   rbee_env: Env) -> None:
+    (h1,) = ssh_pool.start(1, known=False)
+    known = rbee_env.home / ".ssh" / "known_hosts"
+    r = run("rbee", "hosts", "check", "h1", "--format", "json")
+    assert r.returncode == 1
+    (host,) = r.json()["hosts"]
+    assert host["error"]["code"] == "HOST_KEY_UNKNOWN"
+    assert host["error"]["details"]["fingerprint"].startswith("SHA256:")
+    assert [c["ok"] for c in host["checks"]] == [True, False, None, None, None]
+    assert not known.exists()
+    ok = run("rbee", "hosts", "check", "h1", "--accept-new-host-key", "--format", "json")
+    assert ok.returncode == 0, ok
+    assert f"[{h1.sshd.address}]:{h1.sshd.port} ssh-ed25519" in known.read_text()
+    again = run("rbee", "hosts", "check", "h1")
+    assert again.returncode == 0 and "hive:ok" in again.stdout.replace("[green]", "")
+
+
+def test_a_changed_host_key_is_refused(ssh_pool: SshPool, rbee_env: Env,
+                                       ssh_material: object) -> None:
+    (h1,) = ssh_pool.start(1, known=False)
+    other = ssh_pool.material.host_key(7)
+    kind, key = Path(f"{other}.pub").read_text().split()[:2]
+    (rbee_env.home / ".ssh" / "known_hosts").write_text(
+        f"[{h1.sshd.address}]:{h1.sshd.port} {kind} {key}\n")
+    r = run("rbee", "pool", "status", "--format", "json", "--accept-new-host-key")
+    assert r.returncode == 1
+    assert r.json()["hosts"][0]["error"]["code"] == "HOST_KEY_MISMATCH"
+
+
+def test_wrong_key_is_ssh_auth_failed(ssh_pool: SshPool, rbee_env: Env) -> None:
+    import subprocess
+
+    ssh_pool.start(1)
+    key = rbee_env.home / ".ssh" / "id_ed25519"
+    key.unlink()
+    Path(f"{key}.pub").unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    r = run("rbee", "hosts", "check", "--all", "--format", "json")
+    assert r.returncode == 1
+    assert r.json()["hosts"][0]["error"]["code"] == "SSH_AUTH_FAILED"
+
+
+def test_missing_hive_is_hive_not_installed(ssh_pool: SshPool) -> None:
+    ssh_pool.start(1, hive="/opt/nowhere/rbee-hive")
+    r = run("rbee", "hosts", "check", "h1", "--format", "json")
+    assert r.returncode == 1
+    err = r.json()["hosts"][0]["error"]
+    assert err["code"] == "HIVE_NOT_INSTALLED" and 'hive = "' in err["hint"]
+
+
+def test_another_schema_version_is_schema_mismatch(ssh_pool: SshPool, rbee_env: Env) -> None:
+    # a hive from the future: the real protocol, another schema version
+    script = rbee_env.root / "future-hive"
+    script.write_text('#!/bin/sh\nhead -n1 >/dev/null\necho \'{"event": "result", "result": '
+                      '{"schema": "rbee.hive.status/v2"}}\'\n')
+    script.chmod(0o755)
+    ssh_pool.start(1, hive=str(script))
+    r = run("rbee", "hosts", "check", "h1", "--format", "json")
+    assert r.returncode == 1
+    err = r.json()["hosts"][0]["error"]
+    assert err["code"] == "SCHEMA_MISMATCH" and "v2" in err["message"]
+
+
+def test_infer_cold_then_warm_with_no_ssh_at_all(ssh_pool: SshPool, catalog: str,
+                                                 hub: HubServer) -> None:
+    hosts = ssh_pool.start(2)
+    cold = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "8")
+    assert cold["schema"] == "rbee.infer/v1"
+    assert cold["text"] == "pqrstuvw" and cold["tokens"] == 8
+    assert cold["placement"]["path"] == "cold"
+    assert {"status_ms", "download_ms", "spawn_ms"} <= set(cold["timings"])
+    probe, download = hub.gets()  # placement read the header, then the host downloaded
+    assert probe.range == "bytes=0-16777215" and probe.status == 206
+    assert download.range is None and download.status == 200
+    chosen = cold["host"]
+    assert cold["placement"]["chosen"]["host"] == chosen
+    assert [r["host"] for r in cold["placement"]["rejected"]] == \
+        [h.name for h in hosts if h.name != chosen]
+    address = next(h for h in hosts if h.name == chosen).sshd.address
+    assert cold["worker"]["url"].startswith(f"http://{address}:")
+
+    for h in hosts:
+        h.sshd.stop()  # from now on no SSH is possible
+    warm = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "5")
+    assert warm["placement"]["path"] == "warm" and warm["text"] == "pqrst"
+    assert warm["worker"]["id"] == cold["worker"]["id"]
+    assert "status_ms" not in warm["timings"]
+
+
+def test_placement_picks_the_host_that_fits_and_explains_the_rest(
+        ssh_pool: SshPool, catalog: str) -> None:
+    ssh_pool.start(1, extra_env={"RBEE_RESERVE_MIB": str(10**9)})  # h1: nothing fits
+    ssh_pool.start(1)  # h2 fits
+    (h3,) = ssh_pool.start(1)
+    h3.sshd.stop()
+    doc = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "3")
+    assert doc["host"] == "h2"
+    rejected = {r["host"]: r for r in doc["placement"]["rejected"]}
+    assert "available" in rejected["h1"]["reason"] and "needs" in rejected["h1"]["reason"]
+    assert rejected["h3"]["reason"].startswith("unreachable (HOST_UNREACHABLE)")
+
+
+def test_nothing_fits_lists_every_hosts_reason(ssh_pool: SshPool, catalog: str) -> None:
+    ssh_pool.start(2, extra_env={"RBEE_RESERVE_MIB": str(10**9)})
+    r = run("rbee", "infer", "--model", catalog, "--prompt", "x", "--format", "json")
+    assert r.returncode == 1
+    err = error_of(r)
+    assert err["code"] == "INSUFFICIENT_RAM"
+    assert [x["host"] for x in err["details"]["rejected"]] == ["h1", "h2"]
+    assert "h1 cpu:0: needs" in err["message"] and "h2 cpu:0: needs" in err["message"]
+
+
+def test_host_backend_and_device_constrain_placement(ssh_pool: SshPool, catalog: str) -> None:
+    ssh_pool.start(2)
+    doc = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "2", "--host", "h2",
+                "--backend", "cpu", "--device", "0")
+    assert doc["host"] == "h2" and doc["worker"]["backend"] == "cpu"
+    r = run("rbee", "infer", "--model", catalog, "--prompt", "x", "--backend", "cuda",
+            "--host", "h1", "--format", "json")
+    assert r.returncode == 1
+    err = error_of(r)
+    assert err["code"] == "NO_PLACEMENT" and "cuda unavailable" in err["message"]
+
+
+def test_prompt_with_shell_metacharacters_arrives_intact(ssh_pool: SshPool, catalog: str,
+                                                         tiny_model: Path) -> None:
+    import llama_cpp
+
+    ssh_pool.start(1)
+    prompt = 'He said "it\'s $(rm -rf ~) `id` \\n"\n\ttab; ünïcödé 日本 🐝 && exit 1 |!'
+    doc = infer("--model", catalog, "--prompt", prompt, "--max-tokens", "10")
+    assert doc["text"] == "KO" and doc["stop_reason"] == "EOS"  # the "!" at the end arrived
+    vocab = llama_cpp.Llama(str(tiny_model), vocab_only=True, verbose=False)
+    assert doc["prompt_tokens"] == len(vocab.tokenize(prompt.encode(), add_bos=True,
+                                                      special=True))
+    from_stdin = run("rbee", "infer", "--model", catalog, "--prompt", "-", "--format", "json",
+                     input=prompt)
+    assert from_stdin.json()["prompt_tokens"] == doc["prompt_tokens"]
+
+
+def test_arguments_with_metacharacters_cross_ssh_quoted(ssh_pool: SshPool, rbee_env: Env,
+                                                        tiny_model: Path) -> None:
+    import pwd
+    import secrets
+    import shutil
+
+    ssh_pool.start(1)
+    name = f"rbee-pwned-{secrets.token_hex(4)}"
+    # a shell that ran it would create the file in the SSH login's home directory
+    marker = Path(pwd.getpwuid(os.getuid()).pw_dir) / name
+    weird = rbee_env.root / f"it's a \"dir\" $(touch {name}) ünï"
+    weird.mkdir()
+    path = Path(shutil.copy(tiny_model, weird / "my model;`id`.gguf"))
+    r = run("rbee", "pool", "models", "import", str(path), "--id", "weird", "--host", "h1",
+            "--format", "json")
+    assert r.returncode == 0, r
+    assert r.json()["source"] == f"file:{path}"
+    assert not marker.exists()
+
+
+def _workers(host: str) -> list[dict]:
+    doc = run("rbee", "workers", "list", "--host", host, "--format", "json").json()
+    return list(doc["workers"])
+
+
+def test_worker_killed_mid_stream_is_worker_crashed_with_partial_text(
+        ssh_pool: SshPool, catalog: str) -> None:
+    ssh_pool.start(1)
+    infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "1", "--ctx", "32768")
+    (w,) = _workers("h1")
+    proc = popen("rbee", "infer", "--model", catalog, "--prompt", "Hello",
+                 "--max-tokens", "30000")
+    assert proc.stdout is not None
+    first = proc.stdout.read(20)
+    assert first == "pqrstuvwxyz abcdefgh"
+    os.kill(w["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "WORKER_CRASHED" in err
+    assert len(first + out) < 30000 and (first + out).startswith("pqrstuvwxyz abc")
+    (dead,) = _workers("h1")
+    assert dead["state"] == "dead"
+
+
+def test_ctrl_c_cancels_the_job_on_the_worker_and_exits_130(ssh_pool: SshPool,
+                                                            catalog: str) -> None:
+    ssh_pool.start(1)
+    infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "1", "--ctx", "32768")
+    proc = popen("rbee", "infer", "--model", catalog, "--prompt", "Hello",
+                 "--max-tokens", "30000")
+    assert proc.stdout is not None
+    assert proc.stdout.read(10) == "pqrstuvwxy"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "CANCELLED" in err
+    (w,) = _workers("h1")
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{w['url']}/health").json()["status"] != "ready":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cache = json.loads((Path(os.environ["RBEE_CONFIG_DIR"]) / "workers.json").read_text())
+    token = cache["workers"][0]["token"]
+    metrics = httpx.get(f"{w['url']}/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert 'outcome="cancelled"} 1' in metrics.text
+
+
+def test_a_busy_worker_sends_the_next_job_to_another(ssh_pool: SshPool, catalog: str) -> None:
+    ssh_pool.start(1)
+    first = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "1",
+                  "--ctx", "32768")
+    long = popen("rbee", "infer", "--model", catalog, "--prompt", "Hello",
+                 "--max-tokens", "30000")
+    assert long.stdout is not None and long.stdout.read(5) == "pqrst"
+    second = infer("--model", catalog, "--prompt", "Hello!", "--max-tokens", "5")
+    assert second["text"] == "KO"
+    assert second["worker"]["id"] != first["worker"]["id"]
+    long.send_signal(signal.SIGINT)
+    long.communicate(timeout=30)
+    assert len(_workers("h1")) == 2
+
+
+def test_pool_passthrough_download_spawn_list_stop(ssh_pool: SshPool, catalog: str,
+                                                   hub: HubServer) -> None:
+    ssh_pool.start(2)
+    dl = run("rbee", "pool", "models", "download", SOURCE, "--id", "tiny-hf", "--host", "h2")
+    assert dl.returncode == 0, dl
+    assert "tiny-hf" in dl.stdout and "Downloading tiny-hf" in dl.stderr  # remote progress
+    spawned = run("rbee", "pool", "worker", "spawn", "cpu", "--model", "tiny-hf", "--host", "h2",
+                  "--format", "json")
+    assert spawned.returncode == 0, spawned
+    rec = spawned.json()
+    assert rec["host"] == "127.0.0.11"  # listening on h2's own address
+    listed = run("rbee", "workers", "list", "--format", "json").json()
+    assert listed["status"] == "ok"
+    assert [(w["host"], w["id"]) for w in listed["workers"]] == [("h2", rec["id"])]
+    warm = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "3")
+    assert warm["placement"]["path"] == "warm" and warm["worker"]["id"] == rec["id"]
+    stopped = run("rbee", "workers", "stop", rec["id"], "--format", "json")
+    assert stopped.returncode == 0 and stopped.json()["host"] == "h2"
+    assert run("rbee", "workers", "list", "--format", "json").json()["workers"] == []
+
+    missing = run("rbee", "pool", "worker", "spawn", "cpu", "--model", "nope", "--host", "h1",
+                  "--format", "json")
+    assert missing.returncode == 1 and error_of(missing)["code"] == "MODEL_NOT_FOUND"
+    assert error_of(missing)["details"]["host"] == "h1"
+    usage = run("rbee", "pool", "models", "list")
+    assert usage.returncode == 2 and "--host NAME" in usage.stderr
+
+
+def test_pool_worker_logs_follow_streams_remote_lines(ssh_pool: SshPool, catalog: str) -> None:
+    ssh_pool.start(1)
+    infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "1")
+    (w,) = _workers("h1")
+    follower = popen("rbee", "pool", "worker", "logs", w["id"], "--follow", "--host", "h1")
+    time.sleep(1.0)
+    assert run("rbee", "workers", "stop", w["id"]).returncode == 0
+    out, _ = follower.communicate(timeout=20)
+    assert follower.returncode == 0 and "ready on 127.0.0.10" in out
+
+
+def test_hosts_add_list_rm_keep_the_users_comments(rbee_env: Env) -> None:
+    path = rbee_env.config / "hosts.toml"
+    assert run("rbee", "hosts", "list", "--format", "json").json()["hosts"][0]["name"] == \
+        "localhost"
+    r = run("rbee", "hosts", "add", "mac", "--ssh", "vince@mac.home.arpa:2222",
+            "--env", "RBEE_HOME=/Users/vince/.rbee", "--env", "HF_TOKEN=hf_secret")
+    assert r.returncode == 0, r
+    path.write_text(path.read_text() + "# my gpu box\n")
+    assert run("rbee", "hosts", "add", "ws", "--ssh", "ws").returncode == 0
+    listed = run("rbee", "hosts", "list", "--format", "json").json()
+    assert [h["name"] for h in listed["hosts"]] == ["localhost", "mac", "ws"]
+    mac = listed["hosts"][1]
+    assert mac["address"] == "mac.home.arpa" and mac["bind"] == "0.0.0.0"
+    assert mac["env_keys"] == ["HF_TOKEN", "RBEE_HOME"] and "hf_secret" not in str(listed)
+    assert run("rbee", "hosts", "add", "mac", "--ssh", "x@y").returncode == 2
+    assert run("rbee", "hosts", "rm", "mac").returncode == 0
+    text = path.read_text()
+    assert "# my gpu box" in text and "[hosts.ws]" in text and "mac" not in text
+    assert run("rbee", "hosts", "rm", "nope").returncode == 1
+
+
+def test_malformed_hosts_toml_names_file_and_line(rbee_env: Env) -> None:
+    path = rbee_env.config / "hosts.toml"
+    path.write_text('[hosts.a]\nssh = "a@b"\n\n[hosts.b]\ntransport = "telnet"\n')
+    r = run("rbee", "pool", "status", "--format", "json")
+    assert r.returncode == 1
+    err = error_of(r)
+    assert err["code"] == "CONFIG_INVALID" and err["details"]["line"] == 5
+    assert err["details"]["file"] == str(path)
+    path.write_text('[hosts.a]\nssh = "a@b\n')
+    r = run("rbee", "hosts", "list")
+    assert r.returncode == 1 and f"{path}:2" in r.stderr
