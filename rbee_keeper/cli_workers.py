@@ -57,9 +57,9 @@ def stop(wid: Annotated[str, typer.Argument(metavar="ID", help="Worker id.")],
 
     Example: rbee workers stop cuda0-3f2a1c
     """
+    from rbee_common.errors import WorkerNotFound
     from rbee_hive.render import render_stopped
     from rbee_keeper import cache
-    from rbee_common.errors import WorkerNotFound
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import get_host
 

@@ -49,8 +49,8 @@ def rbee_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     }
     for k, v in settings.items():
         monkeypatch.setenv(k, v)
-    for k in ("SSH_AUTH_SOCK", "HF_TOKEN", "HF_ENDPOINT", "RBEE_DEBUG", "RBEE_RESERVE_MIB", "RBEE_LOAD_TIMEOUT",
-              "RBEE_WORKER_BIND", "RBEE_DOWNLOAD_RETRIES", "RBEE_CHECKOUT"):
+    for k in ("SSH_AUTH_SOCK", "HF_TOKEN", "HF_ENDPOINT", "RBEE_DEBUG", "RBEE_RESERVE_MIB",
+              "RBEE_LOAD_TIMEOUT", "RBEE_WORKER_BIND", "RBEE_DOWNLOAD_RETRIES", "RBEE_CHECKOUT"):
         monkeypatch.delenv(k, raising=False)
     yield env
     if (env.rbee_home / "workers").is_dir():

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Env, SshHost, SshPool
+from tests.conftest import Env, SshPool
 from tests.helpers import error_of, popen, run
 from tests.hubserver import HubServer
 
@@ -252,6 +252,7 @@ def test_ctrl_c_cancels_the_job_on_the_worker_and_exits_130(ssh_pool: SshPool,
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "CANCELLED" in err
+    assert out.endswith("\n") and len(out) < 30000  # the partial text stays, on its own line
     (w,) = _workers("h1")
     deadline = time.monotonic() + 10
     while httpx.get(f"{w['url']}/health").json()["status"] != "ready":
