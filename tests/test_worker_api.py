@@ -286,3 +286,20 @@ def test_worker_refuses_to_serve_without_a_token(tiny_model: Path) -> None:
          "--port", str(free_port()), "--worker-id", "no-token"],
         env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no bearer token" in proc.stderr
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+def test_quantised_models_generate(quant: str, tmp_path: Path) -> None:
+    """Quantised weights take llama.cpp's CPU-specific kernels; on Intel AMX CPUs its AMX
+    path segfaults (llama.cpp#20824) unless the worker keeps weights out of AMX buffers."""
+    from tests.tinymodel import write_tiny_model
+
+    model = write_tiny_model(tmp_path / f"tiny-{quant}.gguf", quant=quant)
+    w = start_worker(model, tmp_path / "w.log", ctx=512)
+    try:
+        events = execute(w, prompt="Hello", max_tokens=6, temperature=0.0)
+        assert "".join(d["t"] for e, d in events if e == "token") == "pqrstu"
+        assert w.proc.poll() is None
+    finally:
+        w.proc.terminate()
+        w.proc.wait(timeout=10)

@@ -38,7 +38,9 @@ def successors() -> dict[int, int]:
 
 
 def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
-                     chat_template: str | None = None) -> Path:
+                     chat_template: str | None = None, quant: str | None = None) -> Path:
+    """Write the model; `quant` ("Q8_0", "Q4_0", …) quantises the layers' matrices, which
+    sends llama.cpp down its quantised kernels (where CPU-specific bugs live)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -59,6 +61,13 @@ def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
     def small(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
+    def matrix(name: str, *shape: int) -> None:
+        data = small(*shape)
+        if qtype is None:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("rbee-tiny-test")
     w.add_context_length(context_length)
@@ -69,7 +78,8 @@ def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
     w.add_head_count_kv(N_HEAD_KV)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
-    w.add_file_type(0)  # all F32
+    qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
+    w.add_file_type({None: 0, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3}.get(quant, 0))
     w.add_tokenizer_model("llama")
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
     w.add_token_list(tokens)
@@ -85,14 +95,14 @@ def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
     w.add_tensor("output.weight", out)
     for i in range(N_LAYERS):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight", small(N_HEAD * hd, N_EMBD))
-        w.add_tensor(f"blk.{i}.attn_k.weight", small(N_HEAD_KV * hd, N_EMBD))
-        w.add_tensor(f"blk.{i}.attn_v.weight", small(N_HEAD_KV * hd, N_EMBD))
-        w.add_tensor(f"blk.{i}.attn_output.weight", small(N_EMBD, N_HEAD * hd))
+        matrix(f"blk.{i}.attn_q.weight", N_HEAD * hd, N_EMBD)
+        matrix(f"blk.{i}.attn_k.weight", N_HEAD_KV * hd, N_EMBD)
+        matrix(f"blk.{i}.attn_v.weight", N_HEAD_KV * hd, N_EMBD)
+        matrix(f"blk.{i}.attn_output.weight", N_EMBD, N_HEAD * hd)
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", small(N_FF, N_EMBD))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", small(N_FF, N_EMBD))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", small(N_EMBD, N_FF))
+        matrix(f"blk.{i}.ffn_gate.weight", N_FF, N_EMBD)
+        matrix(f"blk.{i}.ffn_up.weight", N_FF, N_EMBD)
+        matrix(f"blk.{i}.ffn_down.weight", N_EMBD, N_FF)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -8,6 +8,7 @@ stop it within one token.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import logging
 import os
@@ -16,7 +17,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +135,44 @@ class LlamaLogCapture:
         return None
 
 
+def extra_buffer_types_wanted(backend: str) -> bool:
+    """Whether llama.cpp may put weights in its "extra" buffer types (AMX, CPU repacking).
+
+    On CPUs with Intel AMX, llama.cpp's AMX matmul for quantised weights segfaults
+    (ggml-org/llama.cpp#20824; seen here with Q4_K_M and Q8_0), so CPU workers keep their
+    weights in plain buffers on an AMX build. RBEE_LLAMA_EXTRA_BUFTS=1 or 0 overrides.
+    """
+    forced = os.environ.get("RBEE_LLAMA_EXTRA_BUFTS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if backend != "cpu":
+        return True
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    return "AMX_INT8 = 1" not in info
+
+
+@contextlib.contextmanager
+def model_params(**fields: Any) -> Iterator[None]:
+    """Set llama_model_params fields that llama_cpp.Llama() does not take as arguments."""
+    import llama_cpp.llama_cpp as lc
+
+    original = lc.llama_model_default_params
+
+    def patched() -> Any:
+        params = original()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    lc.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lc.llama_model_default_params = original
+
+
 def gpu_offload_supported() -> bool:
     import llama_cpp
 
@@ -178,8 +217,13 @@ class Engine:
             # one device per worker: rbee-hive pins it with CUDA_VISIBLE_DEVICES
             kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_NONE
             kwargs["main_gpu"] = 0
+        extra = extra_buffer_types_wanted(s.backend)
+        if not extra:
+            log.info("keeping weights out of llama.cpp's AMX/repack buffers (llama.cpp#20824); "
+                     "RBEE_LLAMA_EXTRA_BUFTS=1 re-enables them")
         try:
-            self.llama = llama_cpp.Llama(**kwargs)
+            with model_params(use_extra_bufts=extra):
+                self.llama = llama_cpp.Llama(**kwargs)
         except (ValueError, RuntimeError, OSError) as e:
             tail = "\n".join(list(self.logs.lines)[-5:])
             raise ModelLoadFailed(f"llama.cpp could not load {s.model_path}: {e}",
