@@ -27,6 +27,7 @@ class KnownWorker:
     backend: str
     device: int
     ctx: int
+    ref: str = ""  # the reference it was started for (`--model`), so a warm hit needs no catalog
     added_at: float = 0.0
 
     def public(self) -> dict[str, Any]:
@@ -69,10 +70,11 @@ def forget(worker_id: str, host: str | None = None) -> None:
             _save(keep)
 
 
-def matching(model: str, hosts: set[str], backend: str | None, device: int | None,
+def matching(ref: str, hosts: set[str], backend: str | None, device: int | None,
              ctx: int | None) -> list[KnownWorker]:
+    """Known workers for a model reference (its id, or the reference they were started for)."""
     return [w for w in load()
-            if w.model == model and w.host in hosts
+            if ref in (w.model, w.ref) and w.host in hosts
             and (backend is None or w.backend == backend)
             and (device is None or w.device == device)
             and (ctx is None or w.ctx >= ctx)]

@@ -63,7 +63,6 @@ def infer(
       echo "Summarise: …" | rbee infer -m tinyllama -p - --host mac --format json
     """
     from rbee_keeper import infer as infer_mod
-    from rbee_keeper.render import infer_summary
 
     text = sys.stdin.read() if prompt == "-" else prompt
     if not text:
@@ -92,6 +91,8 @@ def infer(
             sys.stdout.write("\n")  # the partial text stays, on its own line
             sys.stdout.flush()
     if fmt is Format.text:
+        from rbee_keeper.render import infer_summary
+
         console(stderr=True).print(infer_summary(doc))
     elif fmt is Format.ndjson:
         write_json({"event": "result", "result": doc})

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rbee_common.config import load_toml, toml_string, validate
 from rbee_common.errors import ConfigInvalid, UsageError
 from rbee_common.files import atomic_write_bytes, locked
-from rbee_common.paths import config_dir
 from rbee_keeper.errors import UnknownHost
+from rbee_keeper.hostsfile import IMPLICIT, hosts_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -90,11 +90,7 @@ class HostsFile(BaseModel):
     hosts: dict[str, HostConfig] = {}
 
 
-def hosts_path() -> Path:
-    return config_dir() / "hosts.toml"
-
-
-DEFAULT_HOSTS = {"localhost": HostConfig(name="localhost", transport="local")}
+DEFAULT_HOSTS = {IMPLICIT: HostConfig(name=IMPLICIT, transport="local")}
 
 
 def load_hosts() -> dict[str, HostConfig]:

@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rbee_common.errors import (
     AllSlotsBusy,
@@ -23,15 +23,17 @@ from rbee_common.errors import (
     WorkerCrashed,
 )
 from rbee_common.http import get_health
-from rbee_common.models import ID_RE, ModelSpec, resolve_ref
+from rbee_common.models import ID_RE, ModelSpec
 from rbee_common.progress import Reporter, null_reporter
 from rbee_keeper import cache
-from rbee_keeper.errors import NoPlacement
-from rbee_keeper.fanout import fan_out
-from rbee_keeper.hive import Session
-from rbee_keeper.hosts import HostConfig, select
-from rbee_keeper.placement import Constraints, ModelNeed, Placement, place
+from rbee_keeper.errors import NoPlacement, UnknownHost
+from rbee_keeper.hostsfile import host_names
 from rbee_keeper.worker_client import Busy, Stream, cancel, execute
+
+if TYPE_CHECKING:  # the cold path's modules load only when it runs
+    from rbee_keeper.hive import Session
+    from rbee_keeper.hosts import HostConfig
+    from rbee_keeper.placement import ModelNeed, Placement
 
 SCHEMA = "rbee.infer/v1"
 
@@ -68,14 +70,18 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
         accept_new_host_key: bool = False) -> dict[str, Any]:
     """Place, provision and stream one job; return the `rbee.infer/v1` document."""
     t0 = time.perf_counter()
-    spec = _spec(req.model)
-    hosts = select(list(req.hosts) or None)
+    names = host_names()
+    unknown = set(req.hosts) - names
+    if unknown:
+        raise UnknownHost(f"no host {sorted(unknown)[0]!r} in hosts.toml "
+                          f"(known: {', '.join(sorted(names))})")
     timings: dict[str, float] = {}
     job_id = f"job-{secrets.token_hex(6)}"
     busy: list[cache.KnownWorker] = []
-    for known in cache.matching(spec.id, set(hosts), req.backend, req.device, req.ctx):
+    for known in cache.matching(req.model, set(req.hosts) or names, req.backend, req.device,
+                                req.ctx):
         health = get_health(known.url, timeout=1.0)
-        if not health or health.get("worker_id") != known.id or health.get("model") != spec.id:
+        if not health or health.get("worker_id") != known.id or health.get("model") != known.model:
             cache.forget(known.id, known.host)
             continue
         try:
@@ -88,7 +94,12 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
                 raise
             cache.forget(known.id, known.host)  # died before saying anything: go cold
             continue
-        return _document(req, spec, stream, known, "warm", None, timings, t0)
+        return _document(req, known.model, stream, known, "warm", None, timings, t0)
+    from rbee_keeper.hive import Session
+    from rbee_keeper.hosts import select
+
+    spec = _spec(req.model)
+    hosts = select(list(req.hosts) or None)
     placement: Placement | None = None
     with Session(accept_new_host_key) as session:
         try:
@@ -103,12 +114,14 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
     except WorkerCrashed:
         cache.forget(known.id, known.host)
         raise
-    return _document(req, spec, stream, known, "cold" if placement else "warm", placement,
+    return _document(req, spec.id, stream, known, "cold" if placement else "warm", placement,
                      timings, t0)
 
 
 def _spec(ref: str) -> ModelSpec:
     """The controller's view of a reference; an unknown plain id may be a host's import."""
+    from rbee_common.models import resolve_ref
+
     try:
         return resolve_ref(ref)
     except ModelNotFound:
@@ -119,6 +132,9 @@ def _spec(ref: str) -> ModelSpec:
 
 def _cold(req: InferRequest, spec: ModelSpec, hosts: dict[str, HostConfig], session: Session,
           report: Reporter, timings: dict[str, float]) -> tuple[cache.KnownWorker, Placement]:
+    from rbee_keeper.fanout import fan_out
+    from rbee_keeper.placement import Constraints, place
+
     t = time.perf_counter()
     outcomes = fan_out(hosts, lambda n: session.hive(hosts[n]).status(
         timeout=req.status_timeout), req.status_timeout)
@@ -152,13 +168,15 @@ def _cold(req: InferRequest, spec: ModelSpec, hosts: dict[str, HostConfig], sess
         timings["spawn_ms"] = (time.perf_counter() - t) * 1000
     known = cache.KnownWorker(host=host.name, id=record["id"], url=url_for(host, record["port"]),
                               token=token, model=spec.id, backend=record["backend"],
-                              device=record["device"], ctx=record["ctx"])
+                              device=record["device"], ctx=record["ctx"], ref=req.model)
     cache.remember(known)
     return known, placement
 
 
 def _need(spec: ModelSpec, statuses: dict[str, dict[str, Any] | RbeeError],
           timings: dict[str, float]) -> ModelNeed:
+    from rbee_keeper.placement import ModelNeed
+
     need = ModelNeed(spec.id, str(spec.source or ""), spec.sha256, spec.size,
                      downloadable=spec.source is not None)
     for status in statuses.values():
@@ -201,13 +219,13 @@ def _stream(url: str, token: str, req: InferRequest, job_id: str,
             raise Interrupted(f"cancelled job {job_id}", hint="", job_id=job_id) from None
 
 
-def _document(req: InferRequest, spec: ModelSpec, stream: Stream, known: cache.KnownWorker,
+def _document(req: InferRequest, model: str, stream: Stream, known: cache.KnownWorker,
               path: str, placement: Placement | None, timings: dict[str, float],
               t0: float) -> dict[str, Any]:
     end = stream.end or {}
     doc: dict[str, Any] = {
         "schema": SCHEMA,
-        "model": spec.id,
+        "model": model,
         "text": "".join(stream.text),
         "tokens": int(end.get("tokens_out", stream.tokens)),
         "prompt_tokens": end.get("prompt_tokens"),

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import BIN, run
 from tests.hubserver import HubServer
-from tests.sshd import Sshd, free_port, keygen, user
+from tests.sshd import Sshd, SshLab, keygen
 from tests.tinymodel import write_tiny_model
 
 
@@ -88,26 +88,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @dataclass
-class SshMaterial:
-    dir: Path
-    client_key: Path
-    authorized_keys: Path
-
-    def host_key(self, i: int) -> Path:
-        path = self.dir / f"host{i}_ed25519"
-        return path if path.exists() else keygen(path)
-
-
-@pytest.fixture(scope="session")
-def ssh_material(tmp_path_factory: pytest.TempPathFactory) -> SshMaterial:
-    d = tmp_path_factory.mktemp("ssh")
-    client = keygen(d / "client_ed25519")
-    authorized = d / "authorized_keys"
-    authorized.write_text(Path(f"{client}.pub").read_text())
-    return SshMaterial(d, client, authorized)
-
-
-@dataclass
 class SshHost:
     name: str
     sshd: Sshd
@@ -118,53 +98,35 @@ class SshHost:
 class SshPool:
     """Real sshd instances for one test, written into its hosts.toml and ~/.ssh."""
 
-    def __init__(self, env: Env, material: SshMaterial) -> None:
-        self.env, self.material = env, material
+    def __init__(self, env: Env, keys: Path) -> None:
+        self.lab = SshLab(env.root, env.home, env.config / "hosts.toml", str(BIN / "rbee-hive"),
+                          keys)
         self.hosts: list[SshHost] = []
+
+    def host_key(self, i: int) -> Path:
+        return self.lab.host_key(i)
 
     def start(self, n: int, *, known: bool = True, hive: str | None = None,
               extra_env: dict[str, str] | None = None) -> list[SshHost]:
-        ssh_dir = self.env.home / ".ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        key = ssh_dir / "id_ed25519"
-        if not key.exists():
-            shutil.copy(self.material.client_key, key)
-            key.chmod(0o600)
-            (ssh_dir / "config").write_text(
-                f"Host 127.0.0.*\n  User {user()}\n  IdentityFile {key}\n"
-                "  IdentitiesOnly yes\n")
-        first = len(self.hosts)
-        for i in range(first, first + n):
-            address = f"127.0.0.{10 + i}"
-            d = self.env.root / "hosts" / f"h{i + 1}"
-            d.mkdir(parents=True)
-            sshd = Sshd(f"h{i + 1}", address, free_port(address), d, self.material.host_key(i))
-            sshd.start(self.material.authorized_keys)
-            host = SshHost(sshd.name, sshd, d / "rbee-home", d / "config")
-            self.hosts.append(host)
-            if known:
-                with open(ssh_dir / "known_hosts", "a") as f:
-                    f.write(sshd.known_hosts_line)
-            env = {"RBEE_HOME": str(host.rbee_home), "RBEE_CONFIG_DIR": str(host.config),
-                   **({"HF_ENDPOINT": os.environ["HF_ENDPOINT"]}
-                      if "HF_ENDPOINT" in os.environ else {}), **(extra_env or {})}
-            pairs = ", ".join(f'{k} = "{v}"' for k, v in env.items())
-            with open(self.env.config / "hosts.toml", "a") as f:
-                f.write(f'\n[hosts.{sshd.name}]\nssh = "{user()}@{address}:{sshd.port}"\n'
-                        f'hive = "{hive or BIN / "rbee-hive"}"\naddress = "{address}"\n'
-                        f"env = {{ {pairs} }}\n")
-        return self.hosts[first:]
+        new = [SshHost(s.name, s, s.dir / "rbee-home", s.dir / "config")
+               for s in self.lab.start(n, known=known, hive=hive, env=extra_env)]
+        self.hosts += new
+        return new
 
     def close(self) -> None:
-        for h in self.hosts:
-            if (h.rbee_home / "workers").is_dir():
-                run("rbee-hive", "worker", "stop", "--all", "--timeout", "3",
-                    env={"RBEE_HOME": str(h.rbee_home)})
-            h.sshd.stop()
+        self.lab.close()
+
+
+@pytest.fixture(scope="session")
+def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Client and host keys, generated once per session (ssh-keygen takes a moment)."""
+    d = tmp_path_factory.mktemp("ssh-keys")
+    keygen(d / "client_ed25519")
+    return d
 
 
 @pytest.fixture
-def ssh_pool(rbee_env: Env, ssh_material: SshMaterial) -> Iterator[SshPool]:
-    pool = SshPool(rbee_env, ssh_material)
+def ssh_pool(rbee_env: Env, ssh_keys: Path) -> Iterator[SshPool]:
+    pool = SshPool(rbee_env, ssh_keys)
     yield pool
     pool.close()

@@ -74,10 +74,9 @@ def test_unknown_host_key_is_refused_then_accepted_with_the_opt_in(ssh_pool: Ssh
     assert again.returncode == 0 and "hive:ok" in again.stdout.replace("[green]", "")
 
 
-def test_a_changed_host_key_is_refused(ssh_pool: SshPool, rbee_env: Env,
-                                       ssh_material: object) -> None:
+def test_a_changed_host_key_is_refused(ssh_pool: SshPool, rbee_env: Env) -> None:
     (h1,) = ssh_pool.start(1, known=False)
-    other = ssh_pool.material.host_key(7)
+    other = ssh_pool.host_key(7)
     kind, key = Path(f"{other}.pub").read_text().split()[:2]
     (rbee_env.home / ".ssh" / "known_hosts").write_text(
         f"[{h1.sshd.address}]:{h1.sshd.port} {kind} {key}\n")
