@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -53,7 +54,6 @@ class WorkerSettings:
     ctx: int
     token: str = field(repr=False)
     max_body_bytes: int = MAX_BODY_BYTES
-    vram_bytes: int = 0
 
 
 @dataclass
@@ -94,6 +94,19 @@ class WorkerState:
     job: Job | None = None
     metrics: Metrics = field(default_factory=Metrics)
     request_exit: Callable[[], None] = lambda: None
+    _vram: tuple[float, int] = (0.0, 0)
+
+    def vram_bytes(self) -> int:
+        """GPU memory this worker holds (CUDA, via NVML; re-read at most once a second)."""
+        if self.settings.backend != "cuda" or self.engine.llama is None:
+            return 0
+        at, value = self._vram
+        if time.monotonic() - at > 1.0:
+            from worker.engine import cuda_memory_of
+
+            value = cuda_memory_of(os.getpid(), self.settings.device)
+            self._vram = (time.monotonic(), value)
+        return value
 
     def cancel_current(self) -> None:
         job = self.job
@@ -271,7 +284,7 @@ async def health(request: Request) -> Response:
         "backend": s.backend,
         "device": s.device,
         "ctx": s.ctx,
-        "vram_bytes": s.vram_bytes,
+        "vram_bytes": state.vram_bytes(),
         "uptime_s": round(time.monotonic() - state.started, 3),
     }
     if state.job is not None:

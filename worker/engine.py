@@ -173,6 +173,26 @@ def model_params(**fields: Any) -> Iterator[None]:
         lc.llama_model_default_params = original
 
 
+def cuda_memory_of(pid: int, nvml_index: int) -> int:
+    """Bytes of GPU memory the process holds on one device, as NVML accounts it (0 if unknown)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVML here: nothing to report
+        return 0
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == pid and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory)
+        return 0
+    except pynvml.NVMLError:
+        return 0
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def gpu_offload_supported() -> bool:
     import llama_cpp
 

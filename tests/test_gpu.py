@@ -1,0 +1,55 @@
+"""GPU checks: run only where NVML sees a device and llama-cpp-python was built for CUDA
+(CMAKE_ARGS="-DGGML_CUDA=on"). Everywhere else they are skipped, with the reason."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import Env
+from tests.helpers import error_of, run, sse_events
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def cuda(rbee_env: Env) -> dict:
+    from rbee_hive.devices import detect
+
+    inventory = detect()
+    cuda_backend = next(b for b in inventory["backends"] if b["name"] == "cuda")
+    if not cuda_backend["available"]:
+        pytest.skip(f"no CUDA here: {cuda_backend['reason']}")
+    return next(d for d in inventory["devices"] if d["backend"] == "cuda")
+
+
+def test_cuda_worker_runs_entirely_in_vram(cuda: dict, tiny_registered: str) -> None:
+    r = run("rbee-hive", "worker", "spawn", "cuda", "--model", "tiny", "--format", "json")
+    assert r.returncode == 0, r
+    rec = r.json()
+    log = run("rbee-hive", "worker", "logs", rec["id"], "--lines", "400").stdout
+    token = run("rbee-hive", "worker", "token", rec["id"]).stdout.strip()
+    health = httpx.get(f"{rec['url']}/health").json()
+    assert health["backend"] == "cuda" and health["vram_bytes"] > 0
+    with httpx.stream("POST", f"{rec['url']}/execute", headers={
+            "Authorization": f"Bearer {token}"},
+            json={"prompt": "Hello", "max_tokens": 12, "temperature": 0}) as resp:
+        text = "".join(d["t"] for e, d in sse_events(resp.iter_lines()) if e == "token")
+    assert text == "pqrstuvwxyz "
+    assert "RBEE_ERROR" not in log
+
+
+def test_cuda_insufficient_vram_names_figures(cuda: dict, tiny_registered: str) -> None:
+    r = run("rbee-hive", "worker", "spawn", "cuda", "--model", "tiny", "--ctx", "1000000000",
+            "--format", "json")
+    assert r.returncode == 1
+    err = error_of(r)
+    assert err["code"] == "INSUFFICIENT_VRAM"
+    assert err["details"]["available_bytes"] < cuda["memory_free"]
+
+
+def test_cuda_placement_prefers_the_gpu(cuda: dict, tiny_registered: str) -> None:
+    r = run("rbee", "infer", "--model", "tiny", "--prompt", "Hello", "--max-tokens", "4",
+            "--format", "json")
+    assert r.returncode == 0, r
+    assert r.json()["worker"]["backend"] == "cuda"
