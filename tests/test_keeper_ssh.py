@@ -349,3 +349,28 @@ def test_malformed_hosts_toml_names_file_and_line(rbee_env: Env) -> None:
     path.write_text('[hosts.a]\nssh = "a@b\n')
     r = run("rbee", "hosts", "list")
     assert r.returncode == 1 and f"{path}:2" in r.stderr
+
+
+def test_proxyjump_from_ssh_config_is_honoured(ssh_pool: SshPool, rbee_env: Env) -> None:
+    import getpass
+
+    jump, target = ssh_pool.start(2)
+    me = getpass.getuser()
+    with open(rbee_env.home / ".ssh" / "config", "a") as f:
+        f.write(f"\nHost behind-jump\n  HostName {target.sshd.address}\n"
+                f"  Port {target.sshd.port}\n  User {me}\n"
+                f"  ProxyJump {me}@{jump.sshd.address}:{jump.sshd.port}\n")
+    # a host "via" that is h2 (same hive and env), reached through the alias
+    hosts = rbee_env.config / "hosts.toml"
+    h2 = hosts.read_text().split("[hosts.h2]")[1].splitlines()
+    keep = [line for line in h2 if line.startswith(("hive", "env"))]
+    with open(hosts, "a") as f:
+        f.write('\n[hosts.via]\nssh = "behind-jump"\n' + "\n".join(keep) + "\n")
+    ok = run("rbee", "hosts", "check", "via", "--format", "json")
+    assert ok.returncode == 0, ok
+    assert ok.json()["hosts"][0]["status"]["host"]["rbee_home"] == str(target.rbee_home)
+    jump.sshd.stop()  # the target is still up, but only reachable through the jump host
+    down = run("rbee", "hosts", "check", "via", "--format", "json")
+    assert down.returncode == 1
+    assert down.json()["hosts"][0]["error"]["code"] == "HOST_UNREACHABLE"
+    assert run("rbee", "hosts", "check", "h2", "--format", "json").returncode == 0
