@@ -28,6 +28,12 @@ def reporting(fmt: Format) -> Iterator[Reporter]:
         close_reporter(report)
 
 
+def root_app(name: str, help: str) -> typer.Typer:
+    """The top-level app of an rbee CLI: errors and exit codes are run_app's job, not typer's."""
+    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
 def version_callback(value: bool) -> None:
     if value:
         from rbee_common import __version__

@@ -6,20 +6,14 @@ from typing import Annotated
 
 import typer
 
-from rbee_common.clikit import FormatOpt, VersionOpt
+from rbee_common.clikit import FormatOpt, VersionOpt, root_app
 from rbee_common.output import Format, emit, run_app
 from rbee_hive import schemas
 from rbee_hive.cli_models import app as models_app
 from rbee_hive.cli_worker import app as worker_app
 
-app = typer.Typer(
-    name="rbee-hive",
-    help="Models, GPU inventory and workers of this host (rbee's per-host half).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = root_app("rbee-hive",
+               "Models, GPU inventory and workers of this host (rbee's per-host half).")
 app.add_typer(models_app, name="models")
 app.add_typer(worker_app, name="worker")
 git_app = typer.Typer(help="Update the rbee checkout this hive runs from.", no_args_is_help=True)

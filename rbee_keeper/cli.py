@@ -7,21 +7,14 @@ from typing import Annotated
 
 import typer
 
-from rbee_common.clikit import FormatOpt, VersionOpt, reporting
+from rbee_common.clikit import FormatOpt, VersionOpt, reporting, root_app
 from rbee_common.errors import UsageError
 from rbee_common.output import Format, console, run_app, write_json
 from rbee_keeper.cli_hosts import app as hosts_app
 from rbee_keeper.cli_pool import pool
 from rbee_keeper.cli_workers import app as workers_app
 
-app = typer.Typer(
-    name="rbee",
-    help="Run local LLMs across the GPU machines of a home lab, over plain SSH.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = root_app("rbee", "Run local LLMs across the GPU machines of a home lab, over plain SSH.")
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(workers_app, name="workers")
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
