@@ -40,6 +40,11 @@ class Sandbox:
                     "HF_HUB_DISABLE_TELEMETRY": "1"}
         for d in ("home", "config"):
             (self.root / d).mkdir()
+        self._cleanups: list[Callable[[], Any]] = []
+
+    def defer(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` on close, before the directory (and the state it needs) is deleted."""
+        self._cleanups.append(fn)
 
     def run(self, *argv: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
         cmd = [str(BIN / argv[0]), *argv[1:]] if (BIN / argv[0]).exists() else list(argv)
@@ -52,6 +57,8 @@ class Sandbox:
         return json.loads(self.run(*argv, "--format", "json", **env).stdout)
 
     def close(self) -> None:
+        for fn in reversed(self._cleanups):
+            fn()
         self.run("rbee-hive", "worker", "stop", "--all", "--timeout", "3", check=False)
         self.tmp.cleanup()
 

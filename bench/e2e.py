@@ -55,7 +55,6 @@ def main() -> None:
     if args.quick:
         args.runs, args.max_tokens = 1, 16
     hub = HubServer().start()
-    lab = None
     try:
         with Sandbox() as box:
             model = model_path(args.model, box.root)
@@ -68,6 +67,7 @@ def main() -> None:
             if args.ssh:
                 lab = SshLab(box.root, box.root / "home", box.root / "config" / "hosts.toml",
                              str(BIN / "rbee-hive"))
+                box.defer(lab.close)  # stops the host's workers while its state still exists
                 os.environ["HF_ENDPOINT"] = hub.url
                 host_home = lab.rbee_home(lab.start(1)[0])
             infer = ["rbee", "infer", "--model", "bench", "--prompt", PROMPT, "--max-tokens",
@@ -95,8 +95,6 @@ def main() -> None:
                              "decode_ms": doc["timings"]["stream_ms"] - doc["timings"]["ttft_ms"]})
             base = inprocess(model, args.max_tokens, args.ctx)
     finally:
-        if lab is not None:
-            lab.close()
         hub.stop()
     cold_m = {k: median([c[k] for c in cold]) for k in cold[0]}
     warm_m = {k: median([w[k] for w in warm]) for k in warm[0]}

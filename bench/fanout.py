@@ -34,20 +34,18 @@ def main() -> None:
                         for _ in range(args.runs)])
         lab = SshLab(box.root, box.root / "home", box.root / "config" / "hosts.toml",
                      str(BIN / "rbee-hive"))
-        try:
-            for n in counts:
-                lab.start(n - len(lab.sshds))
-                names = [s.name for s in lab.sshds]
-                parallel = median([wall(box, "rbee", "pool", "status", "--format", "json")
-                                   for _ in range(args.runs)])
-                serial = median([sum(wall(box, "rbee", "pool", "status", "--host", name,
-                                          "--format", "json") for name in names)
-                                 for _ in range(args.runs)])
-                results[str(n)] = {"parallel_ms": parallel, "serial_ms": serial,
-                                   "parallel_vs_serial": ratio(parallel, serial),
-                                   "parallel_vs_local_status": ratio(parallel, local)}
-        finally:
-            lab.close()
+        box.defer(lab.close)
+        for n in counts:
+            lab.start(n - len(lab.sshds))
+            names = [s.name for s in lab.sshds]
+            parallel = median([wall(box, "rbee", "pool", "status", "--format", "json")
+                               for _ in range(args.runs)])
+            serial = median([sum(wall(box, "rbee", "pool", "status", "--host", name,
+                                      "--format", "json") for name in names)
+                             for _ in range(args.runs)])
+            results[str(n)] = {"parallel_ms": parallel, "serial_ms": serial,
+                               "parallel_vs_serial": ratio(parallel, serial),
+                               "parallel_vs_local_status": ratio(parallel, local)}
     emit({"benchmark": "fanout", "local_hive_status_ms": local, "runs": args.runs,
           "hosts": results}, args.out)
 
