@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MiB = 1024 * 1024
-GiB = 1024 * MiB
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default f16 KV cache
 OVERHEAD_BYTES = 256 * MiB
 DEFAULT_CTX = 4096

@@ -44,12 +44,6 @@ def console(stderr: bool = False) -> rich.console.Console:
     return _consoles[stderr]
 
 
-def say(message: str, fmt: Format = Format.text) -> None:
-    """Narration on stderr, in text mode only."""
-    if fmt is Format.text:
-        console(stderr=True).print(message)
-
-
 def emit(doc: dict[str, Any], fmt: Format, render: Callable[[dict[str, Any]], None]) -> None:
     """Print a result document: rendered for people in text mode, as JSON otherwise."""
     if fmt is Format.text:

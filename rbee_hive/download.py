@@ -207,7 +207,7 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _hash_prefix(part: Path, report: Reporter) -> hashlib._Hash:
+def _hash_prefix(part: Path) -> hashlib._Hash:
     h = hashlib.sha256()
     if part.exists() and part.stat().st_size:
         with open(part, "rb") as f:
@@ -221,7 +221,7 @@ def _transfer(spec: ModelSpec, remote: Remote, part: Path, client: httpx.Client,
     """Append the missing bytes to `part`; return (sha256, size) of the whole file."""
     import httpx
 
-    hasher = _hash_prefix(part, report)
+    hasher = _hash_prefix(part)
     offset = part.stat().st_size if part.exists() else 0
     total = remote.size or spec.size
     phase = "download"

@@ -26,10 +26,6 @@ INDEX_SCHEMA = "rbee.hive.model-index/v1"
 HASH_CHUNK = 4 * 1024 * 1024
 
 
-def models_dir() -> Path:
-    return rbee_home() / "models"
-
-
 def downloads_dir() -> Path:
     return rbee_home() / "downloads"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from rbee_common.files import atomic_write_json, locked, read_json
 from rbee_common.paths import config_dir
@@ -29,11 +28,6 @@ class KnownWorker:
     ctx: int
     ref: str = ""  # the reference it was started for (`--model`), so a warm hit needs no catalog
     added_at: float = 0.0
-
-    def public(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("token")
-        return d
 
 
 def cache_path() -> Path:

@@ -94,7 +94,7 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
                 raise
             cache.forget(known.id, known.host)  # died before saying anything: go cold
             continue
-        return _document(req, known.model, stream, known, "warm", None, timings, t0)
+        return _document(known.model, stream, known, "warm", None, timings, t0)
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import select
 
@@ -114,7 +114,7 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
     except WorkerCrashed:
         cache.forget(known.id, known.host)
         raise
-    return _document(req, spec.id, stream, known, "cold" if placement else "warm", placement,
+    return _document(spec.id, stream, known, "cold" if placement else "warm", placement,
                      timings, t0)
 
 
@@ -219,7 +219,7 @@ def _stream(url: str, token: str, req: InferRequest, job_id: str,
             raise Interrupted(f"cancelled job {job_id}", hint="", job_id=job_id) from None
 
 
-def _document(req: InferRequest, model: str, stream: Stream, known: cache.KnownWorker,
+def _document(model: str, stream: Stream, known: cache.KnownWorker,
               path: str, placement: Placement | None, timings: dict[str, float],
               t0: float) -> dict[str, Any]:
     end = stream.end or {}

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from rbee_common.ggufmeta import read_gguf
+from rbee_common.ggufmeta import NotAGguf, read_gguf
 from rbee_common.models import HfSource, Source, UrlSource
 
 HEADER_BYTES = 16 * 1024 * 1024  # more than any GGUF header, tokenizer included
@@ -66,9 +66,5 @@ def probe(source: Source, timeout: float = 10.0) -> dict[str, Any] | None:
             info = read_gguf(io.BufferedReader(_Chunks(r.iter_raw()), 1 << 16))
             return {"size": int(total), "data_offset": info.data_offset,
                     "kv_per_token": info.kv_per_token, "context_length": info.context_length}
-    except (httpx.HTTPError, OSError, ValueError):
-        return None
-    except Exception as e:  # NotAGguf and friends: no estimate, the hive will say why
-        if getattr(e, "code", None) == "NOT_A_GGUF":
-            return None
-        raise
+    except (httpx.HTTPError, OSError, ValueError, NotAGguf):
+        return None  # no estimate: placement goes on, and the hive will say what is wrong
