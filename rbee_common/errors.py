@@ -36,11 +36,9 @@ class RemoteError(RbeeError):
     def __init__(self, code: str, message: str, *, hint: str = "", exit_code: int = 1,
                  **details: Any) -> None:
         super().__init__(message, hint=hint, **details)
-        self.remote_code = code
-        self.remote_exit_code = exit_code
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "code": self.remote_code}
+        # this error *is* the remote one: callers read .code and .exit_code as for any other
+        self.code = code  # type: ignore[misc]
+        self.exit_code = exit_code  # type: ignore[misc]
 
     @classmethod
     def from_envelope(cls, doc: dict[str, Any], exit_code: int = 1) -> RemoteError:

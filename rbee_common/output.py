@@ -58,22 +58,14 @@ def emit_error(err: RbeeError, fmt: Format) -> None:
     if fmt is Format.json:
         write_json(err.envelope())
     elif fmt is Format.ndjson:
-        write_json({"event": "error", **err.envelope(), "exit_code": err_exit_code(err)})
+        write_json({"event": "error", **err.envelope(), "exit_code": err.exit_code})
     else:
         from rich.markup import escape
 
         con = console(stderr=True)
-        con.print(f"[bold red]Error:[/] {escape(err.message)} [dim]({_code(err)})[/]")
+        con.print(f"[bold red]Error:[/] {escape(err.message)} [dim]({err.code})[/]")
         if err.hint:
             con.print(f"[dim]Hint:[/] {escape(err.hint)}")
-
-
-def _code(err: RbeeError) -> str:
-    return str(err.to_dict()["code"])
-
-
-def err_exit_code(err: RbeeError) -> int:
-    return int(getattr(err, "remote_exit_code", err.exit_code))
 
 
 def sniff_format(argv: Sequence[str]) -> Format:
@@ -103,7 +95,7 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
     except RbeeError as e:
         _debug_traceback()
         emit_error(e, fmt)
-        code = err_exit_code(e)
+        code = e.exit_code
     except typer.Exit as e:
         code = e.exit_code
     except typer.TyperException as e:  # click's usage errors, as typer vendors them

@@ -94,7 +94,7 @@ def rm(name: Annotated[str, typer.Argument(help="The host to remove.")],
 
 
 def _checks(error: RbeeError | None) -> list[dict[str, Any]]:
-    failed = FAILED_AT.get(str(error.to_dict()["code"]), "hive") if error else None
+    failed = FAILED_AT.get(error.code, "hive") if error else None
     out, seen_failure = [], False
     for step in CHECK_STEPS:
         if seen_failure:

@@ -178,8 +178,8 @@ def place(statuses: dict[str, dict[str, Any] | RbeeError], need: ModelNeed,
     survivors: list[Candidate] = []
     for name, status in statuses.items():
         if isinstance(status, RbeeError):
-            code = status.to_dict()["code"]
-            rejected.append(Rejection(name, None, None, f"unreachable ({code}): {status.message}"))
+            rejected.append(Rejection(name, None, None,
+                                      f"unreachable ({status.code}): {status.message}"))
             continue
         survivors += _host_candidates(name, status, need, c, est, rejected)
     if not survivors:

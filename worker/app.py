@@ -309,7 +309,7 @@ async def execute(request: Request, state: WorkerState) -> Response:
             elif kind == "end":
                 yield _sse("end", value.end_event())
             else:
-                yield _sse("error", {"code": value.to_dict()["code"], "message": value.message})
+                yield _sse("error", {"code": value.code, "message": value.message})
 
     return _stream(events())
 
