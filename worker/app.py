@@ -204,11 +204,9 @@ Item = tuple[str, Any]
 
 def start_job(state: WorkerState, route: str, tokens: list[int], params: GenParams,
               job_id: str) -> tuple[Job, asyncio.Queue[Item]]:
-    """Take the slot (or 503) and run the job in a thread that feeds the returned queue."""
-    if state.status is HealthStatus.loading:
-        raise _HTTPError(503, WorkerLoading("the model is still loading"), {"Retry-After": "1"})
-    if state.status is HealthStatus.error:
-        raise _HTTPError(503, state.error or RbeeError("the worker failed"))
+    """Take the slot (or 503) and run the job in a thread that feeds the returned queue.
+
+    Callers have tokenized the prompt, so the model is loaded by now (`_engine`)."""
     if not state.slot.acquire(blocking=False):
         raise _HTTPError(503, AllSlotsBusy(f"worker {state.settings.worker_id} is running a job"),
                          {"Retry-After": "1"})
@@ -314,11 +312,19 @@ async def execute(request: Request, state: WorkerState) -> Response:
     return _stream(events())
 
 
-async def _tokenize(state: WorkerState, prompt: str, add_bos: bool = True) -> list[int]:
-    if state.status is not HealthStatus.ready and state.engine.llama is None:
+def _engine(state: WorkerState) -> Engine:
+    """The loaded engine; 503 while the model loads, or with the reason its load failed."""
+    if state.engine.llama is None:
+        if state.error is not None:
+            raise _HTTPError(503, state.error)
         raise _HTTPError(503, WorkerLoading("the model is still loading"), {"Retry-After": "1"})
-    tokens = state.engine.tokenize(prompt, add_bos=add_bos)
-    n_ctx = state.engine.n_ctx
+    return state.engine
+
+
+async def _tokenize(state: WorkerState, prompt: str, add_bos: bool = True) -> list[int]:
+    engine = _engine(state)
+    tokens = engine.tokenize(prompt, add_bos=add_bos)
+    n_ctx = engine.n_ctx
     if len(tokens) >= n_ctx:
         raise _HTTPError(400, InvalidRequest(
             f"the prompt is {len(tokens)} tokens; the context holds {n_ctx}", field="prompt",
@@ -400,9 +406,7 @@ async def v1_completions(request: Request, state: WorkerState) -> Response:
 async def v1_chat(request: Request, state: WorkerState) -> Response:
     req: ChatCompletionRequest = await read_model(request, ChatCompletionRequest,
                                                   state.settings.max_body_bytes)
-    if state.engine.llama is None:
-        raise _HTTPError(503, WorkerLoading("the model is still loading"), {"Retry-After": "1"})
-    prompt, stops, has_bos = state.engine.format_chat([(m.role, m.text()) for m in req.messages])
+    prompt, stops, has_bos = _engine(state).format_chat([(m.role, m.text()) for m in req.messages])
     tokens = await _tokenize(state, prompt, add_bos=not has_bos)
     limit = req.max_completion_tokens or req.max_tokens or state.engine.n_ctx
     params = _params(req, limit, [*stop_list(req.stop), *stops])
