@@ -1,4 +1,5 @@
-"""The model catalog: the shipped catalog.toml with the user's merged over it."""
+"""The model catalog (the shipped catalog.toml with the user's merged over it), and how a
+reference resolves through it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from rbee_common.config import load_toml, locate_line, validate
-from rbee_common.errors import ConfigInvalid, InvalidModelRef
-from rbee_common.models import ID_RE, Source, parse_source
+from rbee_common.errors import ConfigInvalid, InvalidModelRef, ModelNotFound
+from rbee_common.models import ID_RE, ModelSpec, Source, derive_id, parse_source
 from rbee_common.paths import config_dir, repo_root
 
 
@@ -68,3 +69,21 @@ def load_catalog() -> dict[str, CatalogEntry]:
             for entry in _read_catalog(path):
                 merged[entry.id] = entry
     return merged
+
+
+def resolve_ref(ref: str, catalog: dict[str, CatalogEntry] | None = None) -> ModelSpec:
+    """Resolve a catalog id or a source reference; unknown ids are MODEL_NOT_FOUND."""
+    if catalog is None:
+        catalog = load_catalog()
+    if ref in catalog:
+        e = catalog[ref]
+        return ModelSpec(e.id, e.name, e.parsed_source(), e.sha256, e.size)
+    if ID_RE.match(ref):
+        raise ModelNotFound(f"no model {ref!r} in the catalog",
+                            hint="See `rbee-hive models catalog`, or name a source: "
+                                 "hf:ORG/REPO/FILE.gguf, https://…/FILE.gguf, file:/path.gguf.")
+    source = parse_source(ref)
+    for e in catalog.values():
+        if str(e.parsed_source()) == str(source):
+            return ModelSpec(e.id, e.name, source, e.sha256, e.size)
+    return ModelSpec(derive_id(source), source.filename, source)

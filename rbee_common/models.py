@@ -1,4 +1,4 @@
-"""Model references (catalog id, hf:, file:, https:) and the catalog they resolve through.
+"""Model references (hf:, file:, https:) parsed by pattern, and what a reference resolves to.
 
 A reference is parsed by pattern, never by a shell: anything that is not one of the four
 forms is INVALID_MODEL_REF before any file is touched or any command runs.
@@ -10,13 +10,10 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from rbee_common.errors import InvalidModelRef, ModelNotFound
-
-if TYPE_CHECKING:
-    from rbee_common.catalog import CatalogEntry
+from rbee_common.errors import InvalidModelRef
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}"
@@ -138,23 +135,3 @@ class ModelSpec:
     source: Source
     sha256: str | None = None
     size: int | None = None
-
-
-def resolve_ref(ref: str, catalog: dict[str, CatalogEntry] | None = None) -> ModelSpec:
-    """Resolve a catalog id or a source reference; unknown ids are MODEL_NOT_FOUND."""
-    if catalog is None:
-        from rbee_common.catalog import load_catalog
-
-        catalog = load_catalog()
-    if ref in catalog:
-        e = catalog[ref]
-        return ModelSpec(e.id, e.name, e.parsed_source(), e.sha256, e.size)
-    if ID_RE.match(ref):
-        raise ModelNotFound(f"no model {ref!r} in the catalog",
-                            hint="See `rbee-hive models catalog`, or name a source: "
-                                 "hf:ORG/REPO/FILE.gguf, https://…/FILE.gguf, file:/path.gguf.")
-    source = parse_source(ref)
-    for e in catalog.values():
-        if str(e.parsed_source()) == str(source):
-            return ModelSpec(e.id, e.name, source, e.sha256, e.size)
-    return ModelSpec(derive_id(source), source.filename, source)

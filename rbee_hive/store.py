@@ -17,7 +17,7 @@ from typing import Any
 from rbee_common.errors import ModelNotFound, UsageError
 from rbee_common.files import atomic_write_json, locked, read_json
 from rbee_common.ggufmeta import GgufInfo, read_gguf_file
-from rbee_common.models import ID_RE, ModelSpec, resolve_ref
+from rbee_common.models import ID_RE, ModelSpec
 from rbee_common.paths import rbee_home
 from rbee_common.progress import Reporter, null_reporter
 from rbee_hive.errors import ChecksumMismatch, ModelInUse
@@ -117,6 +117,8 @@ class ModelStore:
                 source = parse_source(f"file:{local['path']}")
             return ModelSpec(local["id"], local["name"], source, local.get("sha256"),
                              local.get("size")), local
+        from rbee_common.catalog import resolve_ref  # pydantic: not on `status`'s path
+
         spec = resolve_ref(ref)
         record = self.get(spec.id)
         if record is not None and record["source"] != str(spec.source):

@@ -120,7 +120,7 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
 
 def _spec(ref: str) -> ModelSpec:
     """The controller's view of a reference; an unknown plain id may be a host's import."""
-    from rbee_common.models import resolve_ref
+    from rbee_common.catalog import resolve_ref
 
     try:
         return resolve_ref(ref)
