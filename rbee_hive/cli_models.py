@@ -58,10 +58,11 @@ def info(ref: Annotated[str, typer.Argument(help="Catalog id, hf:â€¦, https://â€
 
     Example: rbee-hive models info tinyllama --ctx 8192
     """
+    from rbee_common.fit import default_ctx
     from rbee_common.ggufmeta import read_gguf_file
     from rbee_hive.render import render_model
     from rbee_hive.store import ModelStore
-    from rbee_hive.workers import default_ctx, model_estimate
+    from rbee_hive.workers import model_estimate
 
     spec, record = ModelStore().resolve(ref)
     doc: dict = {"schema": schemas.MODEL, "id": spec.id, "name": spec.name,
@@ -75,7 +76,8 @@ def info(ref: Annotated[str, typer.Argument(help="Catalog id, hf:â€¦, https://â€
         record.pop("sha256")
     if record is not None:
         doc.update({k: v for k, v in record.items() if k != "added_at"})
-        doc["estimate"] = model_estimate(record, ctx or default_ctx(record["gguf"])).to_dict()
+        ctx = ctx or default_ctx(record["gguf"].get("context_length"))
+        doc["estimate"] = model_estimate(record, ctx).to_dict()
     emit(doc, fmt, render_model)
 
 

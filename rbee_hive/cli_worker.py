@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import sys
-from enum import StrEnum
 from typing import Annotated
 
 import typer
 
 from rbee_common.clikit import FormatOpt, reporting
 from rbee_common.errors import UsageError
+from rbee_common.names import Backend
 from rbee_common.output import Format, emit, write_json
 from rbee_hive import schemas
 
 app = typer.Typer(help="Start, list, watch and stop workers on this host.", no_args_is_help=True)
 
 IdArg = Annotated[str, typer.Argument(metavar="ID", help="Worker id (see `worker list`).")]
-
-
-class Backend(StrEnum):
-    cpu = "cpu"
-    cuda = "cuda"
-    metal = "metal"
 
 
 @app.command()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rbee_common.estimate import human_bytes
+from rbee_common.names import WorkerState
 from rbee_common.output import console
 from rbee_hive import schemas
 
@@ -72,7 +73,8 @@ def workers_table(workers: list[Doc]) -> Any:
     t = table("ID", "STATE", "MODEL", "DEVICE", "URL", "PID")
     for w in workers:
         state = w["state"]
-        style = {"ready": "green", "busy": "yellow", "loading": "cyan"}.get(state, "red")
+        style = {WorkerState.ready: "green", WorkerState.busy: "yellow",
+                 WorkerState.loading: "cyan"}.get(state, "red")
         t.add_row(w["id"], f"[{style}]{state}[/]", w["model"], f"{w['backend']}:{w['device']}",
                   w["url"], str(w["pid"]))
     return t
@@ -81,7 +83,7 @@ def workers_table(workers: list[Doc]) -> Any:
 def _worker_problems(workers: list[Doc]) -> list[str]:
     out = []
     for w in workers:
-        if w["state"] in ("dead", "error"):
+        if w["state"] in (WorkerState.dead, WorkerState.error):
             out.append(f"[red]{w['id']}[/]: {w.get('message') or w['state']}")
             out += [f"  [dim]│ {line}[/]" for line in (w.get("log_tail") or [])[-5:]]
     return out

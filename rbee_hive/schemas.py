@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rbee_common.names import LIVE_STATES, WorkerState
+
+__all__ = ["LIVE_STATES", "WorkerState"]
+
 HIVE_SCHEMA_VERSION = 1
 
 
@@ -31,9 +35,9 @@ TOKEN = schema("worker-token")
 LOGS = schema("logs")
 GIT = schema("git")
 
-# Worker states in the registry and in `worker list`.
-LOADING, READY, BUSY, ERROR, DEAD = "loading", "ready", "busy", "error", "dead"
-LIVE_STATES = frozenset({LOADING, READY, BUSY})
+# Worker states in the registry and in `worker list` (their one home is rbee_common.names).
+LOADING, READY, BUSY = WorkerState.loading, WorkerState.ready, WorkerState.busy
+ERROR, DEAD = WorkerState.error, WorkerState.dead
 
 
 def schema_version(doc: dict[str, Any]) -> int | None:

@@ -25,15 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from rbee_common.errors import RbeeError, RemoteError
-from rbee_common.estimate import (
-    DEFAULT_CTX,
-    Estimate,
-    estimate,
-    human_bytes,
-    max_ctx_that_fits,
-    reserve_bytes,
-)
+from rbee_common.estimate import Estimate, estimate, max_ctx_that_fits
 from rbee_common.files import atomic_write_bytes, atomic_write_json, locked, read_json
+from rbee_common.fit import Room, default_ctx, fit, room_of
 from rbee_common.http import get_health
 from rbee_common.paths import rbee_home
 from rbee_common.progress import Reporter, null_reporter
@@ -167,45 +161,37 @@ def error_from_log(path: Path) -> RbeeError | None:
     return None
 
 
-def default_ctx(gguf: dict[str, Any]) -> int:
-    trained = gguf.get("context_length") or DEFAULT_CTX
-    return int(min(DEFAULT_CTX, trained))
-
-
 def model_estimate(model: dict[str, Any], ctx: int) -> Estimate:
     g = model["gguf"]
     return estimate(model["size"], g["data_offset"], g.get("kv_per_token"), ctx)
 
 
-def _check_memory(model: dict[str, Any], est: Estimate, backend: str, device: dict[str, Any],
-                  pending: int, inventory: dict[str, Any]) -> None:
-    free = device.get("memory_free") or 0
-    reserve = reserve_bytes()
-    available = free - reserve - pending
-    if est.total_bytes <= available:
+def _check_memory(model: dict[str, Any], est: Estimate, room: Room,
+                  inventory: dict[str, Any], live: list[dict[str, Any]]) -> None:
+    """The fit rule (rbee_common.fit) as admission: refuse with figures and what would fit."""
+    verdict = fit(est, [room])
+    if verdict.ok:
         return
+    available = room.available or 0
     g = model["gguf"]
     suggestions = []
-    fit = max_ctx_that_fits(model["size"], g["data_offset"], g.get("kv_per_token"), available)
-    fit = min(fit, g.get("context_length") or fit)
-    if 256 <= fit < est.ctx:
-        suggestions.append(f"--ctx {fit // 256 * 256}")
+    fits_ctx = max_ctx_that_fits(model["size"], g["data_offset"], g.get("kv_per_token"),
+                                 available)
+    fits_ctx = min(fits_ctx, g.get("context_length") or fits_ctx)
+    if 256 <= fits_ctx < est.ctx:
+        suggestions.append(f"--ctx {fits_ctx // 256 * 256}")
     for d in inventory["devices"]:
-        if d is device or backend_reason(inventory, d["backend"]) is not None:
+        if (d["backend"], d["index"]) == (room.backend, room.index) \
+                or backend_reason(inventory, d["backend"]) is not None:
             continue
-        if est.total_bytes <= (d.get("memory_free") or 0) - reserve:
+        if fit(est, [room_of(d, live, room.reserve)]).ok:
             suggestions.append(f"{d['backend']} --device {d['index']}")
     suggestions.append("a smaller model or quantisation")
-    gpu = backend in ("cuda", "metal")
-    cls = InsufficientVram if gpu else InsufficientRam
-    what = "VRAM" if gpu else "RAM"
-    loading = f", {human_bytes(pending)} promised to workers still loading" if pending else ""
+    cls = InsufficientVram if verdict.gpu else InsufficientRam
+    what = "VRAM" if verdict.gpu else "RAM"
     raise cls(
-        f"{model['id']} at ctx {est.ctx} needs {human_bytes(est.total_bytes)} of {what} "
-        f"({human_bytes(est.weights_bytes)} weights + {human_bytes(est.kv_bytes)} KV cache + "
-        f"{human_bytes(est.overhead_bytes)} overhead); {backend}:{device['index']} has "
-        f"{human_bytes(available)} available ({human_bytes(free)} free less "
-        f"{human_bytes(reserve)} reserve{loading})",
+        f"{model['id']} at ctx {est.ctx} needs {verdict.needs()} of {what}; "
+        f"{room.describe()}",
         hint="Try " + "; or ".join(suggestions) + ".",
         required_bytes=est.total_bytes, available_bytes=available, suggestions=suggestions,
     )
@@ -252,7 +238,7 @@ def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = N
         have = ", ".join(f"{d['backend']}:{d['index']}" for d in inventory["devices"])
         raise BackendUnavailable(f"there is no {backend} device {device} on this host",
                                  hint=f"Devices here: {have}.")
-    ctx = ctx or default_ctx(model["gguf"])
+    ctx = ctx or default_ctx(model["gguf"].get("context_length"))
     est = model_estimate(model, ctx)
     bind = bind or os.environ.get("RBEE_WORKER_BIND") or "127.0.0.1"
     token = token or secrets.token_urlsafe(32)
@@ -261,9 +247,7 @@ def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = N
     with reg.lock():
         live = [r for r in reg.all()
                 if r["state"] in schemas.LIVE_STATES and pid_alive(r["pid"], r["id"])]
-        pending = sum(r.get("estimate_bytes", 0) for r in live if r["state"] == schemas.LOADING
-                      and r["backend"] == backend and r["device"] == device)
-        _check_memory(model, est, backend, dev, pending, inventory)
+        _check_memory(model, est, room_of(dev, live), inventory, live)
         port = _pick_port(port, bind, {r["port"] for r in live})
         wid = f"{backend}{device}-{secrets.token_hex(3)}"
         atomic_write_bytes(reg.token_path(wid), token.encode(), mode=0o600)

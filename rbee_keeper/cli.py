@@ -9,6 +9,7 @@ import typer
 
 from rbee_common.clikit import FormatOpt, VersionOpt, reporting, root_app
 from rbee_common.errors import UsageError
+from rbee_common.names import BACKENDS
 from rbee_common.output import Format, console, run_app, write_json
 from rbee_keeper.cli_hosts import app as hosts_app
 from rbee_keeper.cli_pool import pool
@@ -60,7 +61,7 @@ def infer(
     text = sys.stdin.read() if prompt == "-" else prompt
     if not text:
         raise UsageError("the prompt is empty")
-    if backend is not None and backend not in ("cpu", "cuda", "metal"):
+    if backend is not None and backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: choose cpu, cuda or metal")
     req = infer_mod.InferRequest(
         model=model, prompt=text, hosts=tuple(host or ()), backend=backend, device=device,

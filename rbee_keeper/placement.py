@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rbee_common.errors import InsufficientRam, InsufficientVram, RbeeError
-from rbee_common.estimate import DEFAULT_CTX, Estimate, estimate, human_bytes, reserve_bytes
+from rbee_common.estimate import Estimate, estimate, human_bytes
+from rbee_common.fit import default_ctx, fit, room_of
+from rbee_common.names import GPU_BACKENDS, WorkerState
 from rbee_keeper.errors import NoPlacement
-
-GPU_BACKENDS = frozenset({"cuda", "metal"})
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ModelNeed:
     downloadable: bool = True  # False for an id only some host has registered (an import)
 
     def ctx(self, wanted: int | None) -> int:
-        return wanted or min(DEFAULT_CTX, self.context_length or DEFAULT_CTX)
+        return wanted or default_ctx(self.context_length)
 
     def estimate(self, ctx: int) -> Estimate | None:
         if self.size is None:
@@ -120,16 +120,10 @@ def _idle_worker(status: dict[str, Any], need: ModelNeed, backend: str, device: 
                  ctx: int | None) -> dict[str, Any] | None:
     for w in status.get("workers", []):
         if (w.get("model") == need.id and w.get("backend") == backend
-                and w.get("device") == device and w.get("state") == "ready"
+                and w.get("device") == device and w.get("state") == WorkerState.ready
                 and (ctx is None or w.get("ctx", 0) >= ctx)):
             return dict(w)
     return None
-
-
-def _pending(status: dict[str, Any], backend: str, device: int) -> int:
-    return sum(int(w.get("estimate_bytes") or 0) for w in status.get("workers", [])
-               if w.get("state") == "loading" and w.get("backend") == backend
-               and w.get("device") == device)
 
 
 def _host_candidates(name: str, status: dict[str, Any], need: ModelNeed, c: Constraints,
@@ -151,19 +145,13 @@ def _host_candidates(name: str, status: dict[str, Any], need: ModelNeed, c: Cons
         if c.device is not None and idx != c.device:
             rejected.append(Rejection(name, b, idx, f"not the requested device {c.device}"))
             continue
-        free = dev.get("memory_free")
-        reserve = int(status.get("reserve_bytes", reserve_bytes()))  # the host's own setting
-        available = None if free is None else free - reserve - _pending(status, b, idx)
+        # the host's own reserve setting, as it reported it
+        room = room_of(dev, status.get("workers", []), status.get("reserve_bytes"))
         worker = _idle_worker(status, need, b, idx, c.ctx)
-        if worker is None and est is not None and available is not None \
-                and est.total_bytes > available:
-            rejected.append(Rejection(
-                name, b, idx, f"needs {human_bytes(est.total_bytes)} "
-                f"({human_bytes(est.weights_bytes)} weights + {human_bytes(est.kv_bytes)} KV "
-                f"at ctx {est.ctx} + {human_bytes(est.overhead_bytes)} overhead), "
-                f"{human_bytes(available)} available", memory=True))
+        if worker is None and est is not None and not (verdict := fit(est, [room])).ok:
+            rejected.append(Rejection(name, b, idx, verdict.reason(), memory=True))
             continue
-        out.append(Candidate(name, b, idx, free, available, has_model, worker))
+        out.append(Candidate(name, b, idx, room.free, room.available, has_model, worker))
     if not out and not any(r.host == name for r in rejected):
         rejected.append(Rejection(name, c.backend, c.device, "no device for the request"))
     return out

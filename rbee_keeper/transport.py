@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee_common.errors import RbeeError
+from rbee_common.names import PROGRESS_EVENTS
 from rbee_common.progress import Reporter
 from rbee_keeper.errors import (
     HiveNotInstalled,
@@ -38,7 +39,6 @@ from rbee_keeper.hosts import HostConfig
 log = logging.getLogger("rbee.keeper.transport")
 
 CONNECT_ATTEMPTS = 2
-PROGRESS_EVENTS = frozenset({"phase", "progress", "done", "log"})
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee_common.errors import RbeeError
+from rbee_common.names import BACKENDS
 from worker.protocol import ERROR_LINE_PREFIX, TOKEN_ENV
 from worker.schemas import HealthStatus
 
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-worker-rbee", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="path of the GGUF file")
-    p.add_argument("--backend", required=True, choices=["cpu", "cuda", "metal"])
+    p.add_argument("--backend", required=True, choices=list(BACKENDS))
     p.add_argument("--device", type=int, default=0)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")

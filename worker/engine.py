@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from rbee_common.names import is_gpu
 from worker.errors import BackendUnavailable, InvalidRequest, ModelLoadFailed
 from worker.schemas import StopReason
 
@@ -208,7 +209,7 @@ class Engine:
 
     @property
     def gpu(self) -> bool:
-        return self.settings.backend in ("cuda", "metal")
+        return is_gpu(self.settings.backend)
 
     def check_backend(self) -> None:
         """Refuse a GPU backend the llama.cpp build cannot offload to (no CPU fallback)."""

@@ -5,36 +5,16 @@ rbee_hive and rbee_keeper import this module (never the server) to speak to a wo
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rbee_common.names import HealthStatus, JobEvent, StopReason
 from worker.protocol import ERROR_LINE_PREFIX, HEALTH_SCHEMA, MAX_BODY_BYTES, TOKEN_ENV
 
-__all__ = ["ERROR_LINE_PREFIX", "HEALTH_SCHEMA", "MAX_BODY_BYTES", "TOKEN_ENV"]
+__all__ = ["ERROR_LINE_PREFIX", "HEALTH_SCHEMA", "MAX_BODY_BYTES", "TOKEN_ENV", "HealthStatus",
+           "JobEvent", "StopReason"]
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
-
-
-class HealthStatus(StrEnum):
-    loading = "loading"
-    ready = "ready"
-    busy = "busy"
-    error = "error"
-
-
-class StopReason(StrEnum):
-    MAX_TOKENS = "MAX_TOKENS"
-    EOS = "EOS"
-    STOP_SEQUENCE = "STOP_SEQUENCE"
-    CANCELLED = "CANCELLED"
-
-
-class Event(StrEnum):
-    started = "started"
-    token = "token"
-    end = "end"
-    error = "error"
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
