@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from rbee_common.clikit import FormatOpt
-from rbee_common.errors import RbeeError, UsageError
 from rbee_common.output import Format, emit
 
 app = typer.Typer(help="The hosts of the pool: list, add, rm, check.", no_args_is_help=True)
-
-# The order a connection gets through: the first failing step explains everything after it.
-CHECK_STEPS = ("reachable", "host_key", "auth", "hive", "schema")
-FAILED_AT = {"HOST_UNREACHABLE": "reachable", "HOST_KEY_UNKNOWN": "host_key",
-             "HOST_KEY_MISMATCH": "host_key", "SSH_AUTH_FAILED": "auth",
-             "HIVE_NOT_INSTALLED": "hive", "SCHEMA_MISMATCH": "schema"}
 
 
 @app.command("list")
@@ -25,14 +18,10 @@ def list_(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee hosts list --format json
     """
-    from rbee_keeper.hosts import hosts_path, load_hosts
+    from rbee_keeper.hosts import hosts_document
     from rbee_keeper.render import render_hosts
 
-    hosts = [{"name": h.name, "transport": h.transport, "ssh": h.ssh, "hive": h.hive,
-              "address": h.worker_address(), "bind": h.worker_bind(),
-              "env_keys": sorted(h.env)} for h in load_hosts().values()]
-    emit({"schema": "rbee.hosts/v1", "file": str(hosts_path()),
-          "exists": hosts_path().is_file(), "hosts": hosts}, fmt, render_hosts)
+    emit(hosts_document(), fmt, render_hosts)
 
 
 @app.command()
@@ -55,27 +44,11 @@ def add(
       rbee hosts add mac --ssh vince@mac.home.arpa --hive ~/.venvs/rbee/bin/rbee-hive
       rbee hosts add workstation --ssh workstation --env RBEE_HOME=/data/rbee
     """
-    from pydantic import ValidationError
-
-    from rbee_keeper.hosts import HostConfig, add_host
+    from rbee_keeper.hosts import add_host, new_host
     from rbee_keeper.render import render_host_changed
 
-    if local == (ssh is not None):
-        raise UsageError("give --ssh USER@HOST or --local (one of them)")
-    pairs = {}
-    for item in env or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--env {item!r}: write KEY=VALUE")
-        pairs[key] = value
-    try:
-        host = HostConfig(name=name, transport="local" if local else "ssh", ssh=ssh, hive=hive,
-                          address=address, env=pairs)
-    except ValidationError as e:
-        raise UsageError(f"invalid host: {e.errors()[0]['msg']}") from e
-    path = add_host(name, host)
-    emit({"schema": "rbee.hosts.changed/v1", "action": "add", "name": name, "file": str(path)},
-         fmt, render_host_changed)
+    host = new_host(name, ssh=ssh, local=local, hive=hive, address=address, env=env or [])
+    emit(add_host(name, host), fmt, render_host_changed)
 
 
 @app.command()
@@ -88,23 +61,7 @@ def rm(name: Annotated[str, typer.Argument(help="The host to remove.")],
     from rbee_keeper.hosts import remove_host
     from rbee_keeper.render import render_host_changed
 
-    path = remove_host(name)
-    emit({"schema": "rbee.hosts.changed/v1", "action": "rm", "name": name, "file": str(path)},
-         fmt, render_host_changed)
-
-
-def _checks(error: RbeeError | None) -> list[dict[str, Any]]:
-    failed = FAILED_AT.get(error.code, "hive") if error else None
-    out, seen_failure = [], False
-    for step in CHECK_STEPS:
-        if seen_failure:
-            out.append({"check": step, "ok": None})
-        elif step == failed:
-            out.append({"check": step, "ok": False})
-            seen_failure = True
-        else:
-            out.append({"check": step, "ok": True})
-    return out
+    emit(remove_host(name), fmt, render_host_changed)
 
 
 @app.command()
@@ -125,20 +82,13 @@ def check(
       rbee hosts check --all
       rbee hosts check mac --accept-new-host-key
     """
-    from rbee_keeper.fanout import fan_out, overall
+    from rbee_keeper.fanout import exit_code
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import select
+    from rbee_keeper.pool import check_hosts
     from rbee_keeper.render import render_check
 
-    hosts = select(None if all_ else names)
     with Session(accept_new_host_key) as session:
-        outcomes = fan_out(hosts, lambda n: session.hive(hosts[n]).status(timeout=timeout),
-                           timeout)
-    state, code = overall(outcomes)
-    docs = []
-    for o in outcomes:
-        d = o.to_dict("status")
-        d["checks"] = _checks(o.error)
-        docs.append(d)
-    emit({"schema": "rbee.hosts.check/v1", "status": state, "hosts": docs}, fmt, render_check)
-    return code
+        doc = check_hosts(select(None if all_ else names), session, timeout)
+    emit(doc, fmt, render_check)
+    return exit_code(doc["status"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import sys
 
 import typer
@@ -66,34 +65,28 @@ def pool(ctx: typer.Context) -> int:
 
 
 def _status(names: list[str], fmt: Format, timeout: float, accept_new: bool) -> int:
-    from rbee_keeper.fanout import fan_out, overall
+    from rbee_keeper.fanout import exit_code
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import select
+    from rbee_keeper.pool import pool_status
     from rbee_keeper.render import render_pool_status
 
-    hosts = select(names or None)
     with Session(accept_new) as session:
-        outcomes = fan_out(hosts, lambda n: session.hive(hosts[n]).status(timeout=timeout),
-                           timeout)
-    state, code = overall(outcomes)
-    emit({"schema": "rbee.pool.status/v1", "status": state,
-          "hosts": [o.to_dict("status") for o in outcomes]}, fmt, render_pool_status)
-    return code
+        doc = pool_status(select(names or None), session, timeout)
+    emit(doc, fmt, render_pool_status)
+    return exit_code(doc["status"])
 
 
 def _passthrough(name: str, rest: list[str], fmt: Format, accept_new: bool) -> int:
     from rbee_hive.render import render
-    from rbee_keeper import cache
+    from rbee_keeper import pool
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import get_host
-    from rbee_keeper.infer import url_for
 
     host = get_host(name)
     with Session(accept_new) as session:
-        hive = session.hive(host)
         if "--help" in rest or "-h" in rest:
-            reply = hive.transport.run(rest, on_line=lambda line: print(line))
-            return reply.exit_code
+            return pool.stream_on_host(host, rest, session, on_line=print)
         if rest[:2] == ["worker", "logs"] and ({"--follow", "-f"} & set(rest)):
             def show(line: str) -> None:
                 if fmt is Format.text:
@@ -101,24 +94,8 @@ def _passthrough(name: str, rest: list[str], fmt: Format, accept_new: bool) -> i
                 else:
                     write_json({"event": "line", "line": line})
 
-            reply = hive.stream([*rest, "--format", "ndjson"], on_line=show)
-            if reply.error is not None:
-                hive.result(reply)
-            return reply.exit_code
-        token = None
-        if rest[:2] == ["worker", "spawn"]:
-            token = secrets.token_urlsafe(32)
-            rest = [*rest, "--token-stdin"]
-            if "--bind" not in rest:
-                rest += ["--bind", host.worker_bind()]
+            return pool.stream_on_host(host, [*rest, "--format", "ndjson"], session, show)
         with reporting(fmt) as report:
-            doc = hive.call(*rest, on_event=report, token=token)
-    if token is not None:
-        cache.remember(cache.KnownWorker(
-            host=name, id=doc["id"], url=url_for(host, doc["port"]), token=token,
-            model=doc["model"], backend=doc["backend"], device=doc["device"], ctx=doc["ctx"]))
-    if rest[:2] == ["worker", "stop"]:
-        for stopped in doc.get("stopped", [doc]):
-            cache.forget(stopped["id"], name)
+            doc = pool.run_on_host(host, rest, session, report)
     emit(doc, fmt, render)
     return EXIT_OK

@@ -67,6 +67,14 @@ def fan_out(names: Iterable[str], fn: Callable[[str], T], timeout: float) -> lis
     return list(outcomes.values())
 
 
+EXIT_FOR = {"ok": EXIT_OK, "partial": EXIT_PARTIAL, "error": EXIT_FAILURE}
+
+
+def exit_code(status: str) -> int:
+    """The exit code of a many-hosts document's status: ok 0, partial 3, error 1."""
+    return EXIT_FOR[status]
+
+
 def overall(outcomes: list[HostOutcome[Any]]) -> tuple[str, int]:
     """("ok" | "partial" | "error", exit code 0 | 3 | 1)."""
     failed = sum(not o.ok for o in outcomes)

@@ -1,40 +1,182 @@
-"""Calling rbee-hive on a host and reading its documents; one Session per invocation."""
+"""The keeper's client of one host's hive: typed calls, several ways to reach it.
+
+Callers see `HiveClient` only — `status()`, `download()`, `spawn()`, `stop()`, `token()`,
+`logs()` — and never build an argument list. Today two implementations run `rbee-hive …
+--format ndjson` as a command: `LocalHive` (a subprocess of this controller) and `SshHive`
+(over one SSH connection per host). A client of the pool daemon's HTTP API is a third
+implementation of the same interface (fabric's `Connection`: same calls, local or remote).
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from rbee_common.errors import RbeeError, RemoteError
 from rbee_common.progress import Reporter
 from rbee_hive.schemas import HIVE_SCHEMA_VERSION, schema_version
 from rbee_keeper.errors import SchemaMismatch
 from rbee_keeper.hosts import HostConfig
-from rbee_keeper.transport import HiveReply, Transport, make_transport
+from rbee_keeper.transport import HiveReply, LocalTransport, SshTransport, Transport
+
+Doc = dict[str, Any]
 
 
-class Hive:
-    """One host's rbee-hive, reached through its transport."""
+@dataclass(frozen=True)
+class SpawnRequest:
+    """What to start on a host: `rbee-hive worker spawn` in typed form."""
+
+    backend: str
+    model: str
+    device: int | Sequence[int] = 0
+    ctx: int | None = None
+    port: int | None = None
+    bind: str | None = None
+    threads: int | None = None
+    tensor_split: Sequence[float] | None = None
+    wait: bool = True
+    timeout: float | None = None
+
+    def devices(self) -> list[int]:
+        return [self.device] if isinstance(self.device, int) else list(self.device)
+
+
+class HiveClient(Protocol):
+    """One host's hive, however it is reached."""
+
+    host: HostConfig
+
+    def status(self, timeout: float | None = None) -> Doc:
+        """The `rbee.hive.status/v1` document."""
+        ...
+
+    def workers(self, timeout: float | None = None) -> list[Doc]:
+        """The host's worker records, with their live state."""
+        ...
+
+    def download(self, ref: str, *, model_id: str | None = None, sha256: str | None = None,
+                 on_event: Reporter | None = None) -> Doc:
+        """Make a model present on the host (resumable, verified); its model document."""
+        ...
+
+    def spawn(self, req: SpawnRequest, token: str, on_event: Reporter | None = None) -> Doc:
+        """Start a worker that serves with `token`; its worker record."""
+        ...
+
+    def stop(self, worker_id: str, timeout: float | None = None) -> Doc:
+        """Stop one worker; the `stopped` document."""
+        ...
+
+    def stop_all(self, timeout: float | None = None) -> Doc:
+        """Stop every worker of the host; `{"stopped": [...]}`."""
+        ...
+
+    def token(self, worker_id: str) -> str:
+        """A worker's bearer token."""
+        ...
+
+    def logs(self, worker_id: str, lines: int = 50) -> list[str]:
+        """The last lines of a worker's log."""
+        ...
+
+    def follow_logs(self, worker_id: str, on_line: Callable[[str], None],
+                    lines: int = 50) -> None:
+        """Pass each line of a worker's log on, new ones too, until the worker exits."""
+        ...
+
+    def command(self, args: Sequence[str], *, on_event: Reporter | None = None,
+                secrets: dict[str, str] | None = None) -> Doc:
+        """Any other `rbee-hive` command (`rbee pool <command> --host NAME`); its result."""
+        ...
+
+    def lines(self, args: Sequence[str], on_line: Callable[[str], None]) -> int:
+        """A command whose output is lines (`--help`, `logs --follow`), passed on one by one;
+        raises the error it reported, else returns its exit code."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+class CommandHive:
+    """A hive reached by running its CLI (`--format ndjson`) through a transport."""
 
     def __init__(self, host: HostConfig, transport: Transport) -> None:
         self.host = host
         self.transport = transport
 
-    def call(self, *args: str, on_event: Reporter | None = None, token: str | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
-        """Run `rbee-hive ARGS --format ndjson`; return its result or raise its error."""
-        secrets = {"token": token} if token else None
+    # the typed calls
+
+    def status(self, timeout: float | None = None) -> Doc:
+        return self._call(["status"], timeout=timeout)
+
+    def workers(self, timeout: float | None = None) -> list[Doc]:
+        return list(self._call(["worker", "list"], timeout=timeout)["workers"])
+
+    def download(self, ref: str, *, model_id: str | None = None, sha256: str | None = None,
+                 on_event: Reporter | None = None) -> Doc:
+        args = ["models", "download", ref]
+        if model_id:
+            args += ["--id", model_id]
+        if sha256:
+            args += ["--sha256", sha256]
+        return self._call(args, on_event=on_event)
+
+    def spawn(self, req: SpawnRequest, token: str, on_event: Reporter | None = None) -> Doc:
+        args = ["worker", "spawn", req.backend, "--model", req.model,
+                "--device", ",".join(str(d) for d in req.devices()), "--token-stdin"]
+        for flag, value in (("--ctx", req.ctx), ("--port", req.port), ("--bind", req.bind),
+                            ("--threads", req.threads), ("--timeout", req.timeout)):
+            if value is not None:
+                args += [flag, str(value)]
+        if req.tensor_split:
+            args += ["--tensor-split", ",".join(f"{p:g}" for p in req.tensor_split)]
+        if not req.wait:
+            args.append("--no-wait")
+        return self._call(args, on_event=on_event, secrets={"token": token})
+
+    def stop(self, worker_id: str, timeout: float | None = None) -> Doc:
+        return self._call(["worker", "stop", worker_id], timeout=timeout)
+
+    def stop_all(self, timeout: float | None = None) -> Doc:
+        return self._call(["worker", "stop", "--all"], timeout=timeout)
+
+    def token(self, worker_id: str) -> str:
+        return str(self._call(["worker", "token", worker_id])["token"])
+
+    def logs(self, worker_id: str, lines: int = 50) -> list[str]:
+        return list(self._call(["worker", "logs", worker_id, "--lines", str(lines)])["lines"])
+
+    def follow_logs(self, worker_id: str, on_line: Callable[[str], None],
+                    lines: int = 50) -> None:
+        self.lines(["worker", "logs", worker_id, "--lines", str(lines), "--follow",
+                    "--format", "ndjson"], on_line)
+
+    def command(self, args: Sequence[str], *, on_event: Reporter | None = None,
+                secrets: dict[str, str] | None = None) -> Doc:
+        return self._call(list(args), on_event=on_event, secrets=secrets)
+
+    def lines(self, args: Sequence[str], on_line: Callable[[str], None]) -> int:
+        reply = self.transport.run(list(args), on_line=on_line)
+        if reply.error is not None:
+            self._result(reply)
+        return reply.exit_code
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # how a command's reply becomes a document or an error
+
+    def _call(self, args: list[str], *, on_event: Reporter | None = None,
+              secrets: dict[str, str] | None = None, timeout: float | None = None) -> Doc:
         reply = self.transport.run([*args, "--format", "ndjson"], secrets=secrets,
                                    on_event=on_event, timeout=timeout)
-        return self.result(reply)
+        return self._result(reply)
 
-    def stream(self, args: list[str], on_line: Callable[[str], None],
-               on_event: Reporter | None = None) -> HiveReply:
-        """Run a command whose output is lines (logs --follow), passing each one on."""
-        return self.transport.run(args, on_event=on_event, on_line=on_line)
-
-    def result(self, reply: HiveReply) -> dict[str, Any]:
+    def _result(self, reply: HiveReply) -> Doc:
         name = self.host.name
         if reply.error is not None:
             err = RemoteError.from_envelope(reply.error, exit_code=reply.exit_code or 1)
@@ -57,27 +199,47 @@ class Hive:
                 host=name, remote_schema=reply.result.get("schema"))
         return reply.result
 
-    def status(self, timeout: float | None = None) -> dict[str, Any]:
-        return self.call("status", timeout=timeout)
+
+class LocalHive(CommandHive):
+    """The `transport = "local"` host: rbee-hive as a subprocess of this controller."""
+
+    def __init__(self, host: HostConfig) -> None:
+        super().__init__(host, LocalTransport(host))
+
+
+class SshHive(CommandHive):
+    """A host reached over SSH: rbee-hive run on one connection, reopened if it drops."""
+
+    def __init__(self, host: HostConfig, accept_new_host_key: bool = False) -> None:
+        super().__init__(host, SshTransport(host, accept_new_host_key))
+
+
+def make_hive(host: HostConfig, accept_new_host_key: bool = False) -> HiveClient:
+    if host.transport == "local":
+        return LocalHive(host)
+    return SshHive(host, accept_new_host_key)
 
 
 class Session:
-    """The transports of one rbee invocation: one connection per host, closed at the end."""
+    """The hive clients of one rbee invocation (or one queen job): one per host, closed at
+    the end."""
 
-    def __init__(self, accept_new_host_key: bool = False) -> None:
+    def __init__(self, accept_new_host_key: bool = False,
+                 factory: Callable[[HostConfig, bool], HiveClient] = make_hive) -> None:
         self.accept_new = accept_new_host_key
-        self._hives: dict[str, Hive] = {}
+        self._factory = factory
+        self._hives: dict[str, HiveClient] = {}
         self._lock = threading.Lock()
 
-    def hive(self, host: HostConfig) -> Hive:
+    def hive(self, host: HostConfig) -> HiveClient:
         with self._lock:
             if host.name not in self._hives:
-                self._hives[host.name] = Hive(host, make_transport(host, self.accept_new))
+                self._hives[host.name] = self._factory(host, self.accept_new)
             return self._hives[host.name]
 
     def close(self) -> None:
         for hive in self._hives.values():
-            hive.transport.close()
+            hive.close()
 
     def __enter__(self) -> Session:
         return self

@@ -10,7 +10,7 @@ import ipaddress
 import re
 import shlex
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -68,6 +68,11 @@ class HostConfig(BaseModel):
         if self.transport == "local":
             return "127.0.0.1"
         return self.ssh_target()[0]
+
+    def worker_url(self, port: int) -> str:
+        """The URL of this host's worker on `port`, as the controller reaches it."""
+        address = self.worker_address()
+        return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
 
     def worker_bind(self) -> str:
         """What workers listen on: `bind`, else the address when it is an IP, else all."""
@@ -128,7 +133,42 @@ def _section_header(name: str) -> re.Pattern[str]:
     return re.compile(rf'^\s*\[\s*hosts\s*\.\s*(?:{re.escape(name)}|"{re.escape(name)}")\s*\]')
 
 
-def add_host(name: str, host: HostConfig) -> Path:
+def new_host(name: str, *, ssh: str | None, local: bool, hive: str, address: str | None,
+             env: list[str]) -> HostConfig:
+    """A host from command-line options (`rbee hosts add`); USAGE for anything invalid."""
+    from pydantic import ValidationError
+
+    if local == (ssh is not None):
+        raise UsageError("give --ssh USER@HOST or --local (one of them)")
+    pairs = {}
+    for item in env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--env {item!r}: write KEY=VALUE")
+        pairs[key] = value
+    try:
+        return HostConfig(name=name, transport="local" if local else "ssh", ssh=ssh, hive=hive,
+                          address=address, env=pairs)
+    except ValidationError as e:
+        raise UsageError(f"invalid host: {e.errors()[0]['msg']}") from e
+
+
+def hosts_document() -> dict[str, Any]:
+    """The `rbee.hosts/v1` document: every host of hosts.toml (env values never shown)."""
+    path = hosts_path()
+    hosts = [{"name": h.name, "transport": h.transport, "ssh": h.ssh, "hive": h.hive,
+              "address": h.worker_address(), "bind": h.worker_bind(),
+              "env_keys": sorted(h.env)} for h in load_hosts().values()]
+    return {"schema": "rbee.hosts/v1", "file": str(path), "exists": path.is_file(),
+            "hosts": hosts}
+
+
+def _changed(action: str, name: str, path: Path) -> dict[str, Any]:
+    return {"schema": "rbee.hosts.changed/v1", "action": action, "name": name, "file": str(path)}
+
+
+def add_host(name: str, host: HostConfig) -> dict[str, Any]:
+    """Append a host to hosts.toml (created with the implicit localhost kept)."""
     if not NAME_RE.match(name):
         raise UsageError(f"{name!r} is not a valid host name", hint="Use letters, digits, . _ -")
     path = hosts_path()
@@ -155,10 +195,11 @@ def add_host(name: str, host: HostConfig) -> Path:
         new = text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
         atomic_write_bytes(path, new.encode())
         load_hosts()  # what we wrote must read back
-    return path
+    return _changed("add", name, path)
 
 
-def remove_host(name: str) -> Path:
+def remove_host(name: str) -> dict[str, Any]:
+    """Remove a host's table from hosts.toml; comments and other hosts stay as they are."""
     path = hosts_path()
     with locked(path.with_suffix(".lock")):
         get_host(name)
@@ -174,4 +215,4 @@ def remove_host(name: str) -> Path:
                                    or lines[end - 1].lstrip().startswith("#")):
             end -= 1
         atomic_write_bytes(path, "".join(lines[:start] + lines[end:]).encode())
-    return path
+    return _changed("rm", name, path)

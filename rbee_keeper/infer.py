@@ -1,17 +1,26 @@
-"""`rbee infer`: find or make a worker for the model, then stream its tokens.
+"""`rbee infer` as steps: choose a worker, provision it, dispatch the job to it.
 
-Warm path: a known worker (the cache) that answers /health with the model — no SSH at all.
-Cold path: status from every host in parallel → placement → download if the host lacks the
-file → spawn a worker if none serves the model → stream.
+    choose     a known worker that answers /health (warm: no SSH at all), else every
+               host's status in parallel → placement (filter, then score, with reasons)
+    provision  download the model if the chosen host lacks it, spawn a worker if none
+               serves it (or adopt the idle one placement chose), remember it
+    dispatch   stream the job's tokens; wait out a busy worker for a bounded time
+
+`run()` chains them for the daemonless CLI. A queue (the queen) can sit between the steps:
+each takes plain data and returns plain data, and a `Cancel` object — set from any thread
+(Ctrl+C in the CLI, a cancel call in the queen) — stops the job between steps and, while it
+streams, on the worker itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rbee_common.errors import (
@@ -24,6 +33,7 @@ from rbee_common.errors import (
 )
 from rbee_common.http import get_health
 from rbee_common.models import ID_RE, ModelSpec
+from rbee_common.names import HealthStatus
 from rbee_common.progress import Reporter, null_reporter
 from rbee_keeper import cache
 from rbee_keeper.errors import NoPlacement, UnknownHost
@@ -36,6 +46,7 @@ if TYPE_CHECKING:  # the cold path's modules load only when it runs
     from rbee_keeper.placement import ModelNeed, Placement
 
 SCHEMA = "rbee.infer/v1"
+WARM_REASON = "known worker answered /health"
 
 
 @dataclass(frozen=True)
@@ -61,61 +72,220 @@ class InferRequest:
                 "seed": self.seed, "stop": list(self.stop)}
 
 
-def url_for(host: HostConfig, port: int) -> str:
-    address = host.worker_address()
-    return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+def new_job_id() -> str:
+    return f"job-{secrets.token_hex(6)}"
 
 
-def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = null_reporter,
-        accept_new_host_key: bool = False) -> dict[str, Any]:
-    """Place, provision and stream one job; return the `rbee.infer/v1` document."""
-    t0 = time.perf_counter()
+class Cancel:
+    """A job's cancel signal, safe to set from any thread.
+
+    Steps call `check()` between them; while a job streams, `on_cancel` hooks (POST /cancel
+    to its worker) run as soon as it is set, so the worker stops within one token.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._hooks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            hooks = list(self._hooks)
+        for hook in hooks:
+            hook()
+
+    @contextmanager
+    def hook(self, fn: Callable[[], None]) -> Iterator[None]:
+        """Run `fn` if the job is cancelled while the block runs (at once if it already is)."""
+        with self._lock:
+            self._hooks.append(fn)
+            already = self._event.is_set()
+        if already:
+            fn()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._hooks.remove(fn)
+
+    def check(self, job_id: str) -> None:
+        if self._event.is_set():
+            raise Interrupted(f"cancelled job {job_id}", hint="", job_id=job_id)
+
+
+@dataclass
+class Choice:
+    """Where a job will run: a known worker (warm), or a placement to provision (cold)."""
+
+    model: str
+    worker: cache.KnownWorker | None = None
+    placement: Placement | None = None
+    spec: ModelSpec | None = None
+    wait: float = 0.0  # how long dispatch may wait for a busy worker
+    fallbacks: list[cache.KnownWorker] = field(default_factory=list)  # busy, known workers
+
+    @property
+    def path(self) -> str:
+        return "cold" if self.placement is not None else "warm"
+
+
+@dataclass
+class Context:
+    """What a job's steps share: hosts, one hive session, progress and timings."""
+
+    hosts: dict[str, HostConfig]
+    session: Session
+    report: Reporter = null_reporter
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = (time.perf_counter() - t0) * 1000
+
+
+def check_hosts(req: InferRequest) -> set[str]:
+    """The host names the job may use (all of hosts.toml, or its --host ones)."""
     names = host_names()
     unknown = set(req.hosts) - names
     if unknown:
         raise UnknownHost(f"no host {sorted(unknown)[0]!r} in hosts.toml "
                           f"(known: {', '.join(sorted(names))})")
-    timings: dict[str, float] = {}
-    job_id = f"job-{secrets.token_hex(6)}"
-    busy: list[cache.KnownWorker] = []
-    for known in cache.matching(req.model, set(req.hosts) or names, req.backend, req.device,
-                                req.ctx):
+    return set(req.hosts) or names
+
+
+def warm_workers(req: InferRequest, names: set[str]) -> tuple[list[cache.KnownWorker],
+                                                               list[cache.KnownWorker]]:
+    """Known workers for the model that answer /health as themselves: (idle, busy).
+
+    A worker that does not answer, or answers as another worker, is forgotten.
+    """
+    idle, busy = [], []
+    for known in cache.matching(req.model, names, req.backend, req.device, req.ctx):
         health = get_health(known.url, timeout=1.0)
         if not health or health.get("worker_id") != known.id or health.get("model") != known.model:
             cache.forget(known.id, known.host)
             continue
+        (busy if health.get("status") == HealthStatus.busy else idle).append(known)
+    return idle, busy
+
+
+def choose(req: InferRequest, ctx: Context) -> Choice:
+    """Place the job: every host's status in parallel, then filter and score."""
+    from rbee_keeper.placement import Constraints, place
+    from rbee_keeper.pool import statuses
+
+    spec = _spec(req.model)
+    with ctx.timed("status_ms"):
+        outcomes = statuses(ctx.hosts, ctx.session, req.status_timeout)
+    states: dict[str, dict[str, Any] | RbeeError] = {
+        o.name: o.value if o.ok and o.value is not None else o.error or RbeeError("no status")
+        for o in outcomes}
+    need = _need(spec, states, ctx)
+    placement = place(states, need, Constraints(req.backend, req.device, req.ctx))
+    chosen = placement.chosen
+    ctx.report({"event": "log", "message": f"rbee: {spec.id} → {chosen.label} ({chosen.why()})"})
+    return Choice(model=spec.id, placement=placement, spec=spec)
+
+
+def provision(choice: Choice, req: InferRequest, ctx: Context) -> cache.KnownWorker:
+    """Make the chosen worker exist: adopt an idle one, or download and spawn."""
+    from rbee_keeper import provision as prov
+    from rbee_keeper.hive import SpawnRequest
+
+    if choice.worker is not None:
+        return choice.worker
+    assert choice.placement is not None and choice.spec is not None
+    spec, placement = choice.spec, choice.placement
+    chosen = placement.chosen
+    hive = ctx.session.hive(ctx.hosts[chosen.host])
+    if chosen.worker is not None:
+        return prov.adopt_worker(hive, chosen.worker, req.model)
+    if not chosen.has_model:
+        with ctx.timed("download_ms"):
+            prov.ensure_model(hive, str(spec.source), spec.id, spec.sha256, ctx.report)
+    with ctx.timed("spawn_ms"):
+        return prov.start_worker(hive, SpawnRequest(chosen.backend, spec.id, chosen.device,
+                                                    ctx=placement.ctx),
+                                 req.model, ctx.report)
+
+
+def dispatch(worker: cache.KnownWorker, req: InferRequest, job_id: str,
+             on_text: Callable[[str], None], cancel_: Cancel, wait: float) -> Stream:
+    """Stream the job on the worker; on 503, retry after Retry-After for up to `wait` s."""
+    deadline = time.monotonic() + wait
+    url = worker.url
+    with cancel_.hook(lambda: cancel(url, worker.token, job_id)):
+        while True:
+            cancel_.check(job_id)
+            try:
+                return execute(url, worker.token, req.body(job_id), on_text)
+            except Busy as e:
+                if time.monotonic() + e.retry_after > deadline:
+                    if wait <= 0:
+                        raise
+                    raise AllSlotsBusy(f"the worker at {url} stayed busy for {wait:g}s",
+                                       worker=url) from e
+                time.sleep(e.retry_after)
+            except KeyboardInterrupt:  # Ctrl+C in the thread that streams: cancel the job
+                cancel_.cancel()
+                raise Interrupted(f"cancelled job {job_id}", hint="", job_id=job_id) from None
+
+
+def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = null_reporter,
+        accept_new_host_key: bool = False, job_id: str | None = None,
+        cancel_: Cancel | None = None) -> dict[str, Any]:
+    """Choose, provision and dispatch one job; return the `rbee.infer/v1` document."""
+    t0 = time.perf_counter()
+    job_id = job_id or new_job_id()
+    cancel_ = cancel_ or Cancel()
+    names = check_hosts(req)
+    idle, busy = warm_workers(req, names)
+    for known in idle:  # warm: no SSH at all
+        cancel_.check(job_id)
         try:
-            stream = _stream(known.url, known.token, req, job_id, on_text, wait=0.0)
+            stream = dispatch(known, req, job_id, on_text, cancel_, wait=0.0)
         except Busy:
-            busy.append(known)
+            busy.append(known)  # taken since /health said idle
             continue
         except WorkerCrashed as e:
             if e.details.get("tokens"):
                 raise
             cache.forget(known.id, known.host)  # died before saying anything: go cold
             continue
-        return _document(known.model, stream, known, "warm", None, timings, t0)
+        return document(Choice(known.model, worker=known), stream, known, {}, t0)
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import select
 
-    spec = _spec(req.model)
-    hosts = select(list(req.hosts) or None)
-    placement: Placement | None = None
     with Session(accept_new_host_key) as session:
+        ctx = Context(select(sorted(names)), session, report)
+        cancel_.check(job_id)
         try:
-            known, placement = _cold(req, spec, hosts, session, report, timings)
+            choice = choose(req, ctx)
+            cancel_.check(job_id)
+            worker = provision(choice, req, ctx)
         except (NoPlacement, InsufficientMemory):
             if not busy:
                 raise
-            known = busy[0]  # nowhere to start another worker: wait for the busy one
-            report({"event": "log", "message": f"rbee: waiting for busy worker {known.id}"})
+            worker = busy[0]  # nowhere to start another worker: wait for the busy one
+            choice = Choice(worker.model, worker=worker)
+            report({"event": "log", "message": f"rbee: waiting for busy worker {worker.id}"})
     try:
-        stream = _stream(known.url, known.token, req, job_id, on_text, wait=req.busy_wait)
+        stream = dispatch(worker, req, job_id, on_text, cancel_, wait=req.busy_wait)
     except WorkerCrashed:
-        cache.forget(known.id, known.host)
+        cache.forget(worker.id, worker.host)
         raise
-    return _document(spec.id, stream, known, "cold" if placement else "warm", placement,
-                     timings, t0)
+    return document(choice, stream, worker, ctx.timings, t0)
 
 
 def _spec(ref: str) -> ModelSpec:
@@ -130,56 +300,13 @@ def _spec(ref: str) -> ModelSpec:
         return ModelSpec(ref, ref, None)  # type: ignore[arg-type]
 
 
-def _cold(req: InferRequest, spec: ModelSpec, hosts: dict[str, HostConfig], session: Session,
-          report: Reporter, timings: dict[str, float]) -> tuple[cache.KnownWorker, Placement]:
-    from rbee_keeper.fanout import fan_out
-    from rbee_keeper.placement import Constraints, place
-
-    t = time.perf_counter()
-    outcomes = fan_out(hosts, lambda n: session.hive(hosts[n]).status(
-        timeout=req.status_timeout), req.status_timeout)
-    timings["status_ms"] = (time.perf_counter() - t) * 1000
-    statuses: dict[str, dict[str, Any] | RbeeError] = {
-        o.name: o.value if o.ok and o.value is not None else o.error or RbeeError("no status")
-        for o in outcomes}
-    need = _need(spec, statuses, timings)
-    placement = place(statuses, need, Constraints(req.backend, req.device, req.ctx))
-    chosen = placement.chosen
-    host = hosts[chosen.host]
-    hive = session.hive(host)
-    report({"event": "log", "message": f"rbee: {spec.id} → {chosen.label} ({chosen.why()})"})
-    if chosen.worker is not None:
-        token = str(hive.call("worker", "token", chosen.worker["id"])["token"])
-        record = chosen.worker
-    else:
-        if not chosen.has_model:
-            t = time.perf_counter()
-            args = ["models", "download", str(spec.source), "--id", spec.id]
-            if spec.sha256:
-                args += ["--sha256", spec.sha256]
-            hive.call(*args, on_event=report)
-            timings["download_ms"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        token = secrets.token_urlsafe(32)
-        record = hive.call("worker", "spawn", chosen.backend, "--model", spec.id,
-                           "--device", str(chosen.device), "--ctx", str(placement.ctx),
-                           "--bind", host.worker_bind(), "--token-stdin",
-                           on_event=report, token=token)
-        timings["spawn_ms"] = (time.perf_counter() - t) * 1000
-    known = cache.KnownWorker(host=host.name, id=record["id"], url=url_for(host, record["port"]),
-                              token=token, model=spec.id, backend=record["backend"],
-                              device=record["device"], ctx=record["ctx"], ref=req.model)
-    cache.remember(known)
-    return known, placement
-
-
-def _need(spec: ModelSpec, statuses: dict[str, dict[str, Any] | RbeeError],
-          timings: dict[str, float]) -> ModelNeed:
+def _need(spec: ModelSpec, states: dict[str, dict[str, Any] | RbeeError],
+          ctx: Context) -> ModelNeed:
     from rbee_keeper.placement import ModelNeed
 
     need = ModelNeed(spec.id, str(spec.source or ""), spec.sha256, spec.size,
                      downloadable=spec.source is not None)
-    for status in statuses.values():
+    for status in states.values():
         if isinstance(status, RbeeError):
             continue
         for m in status.get("models", []):
@@ -194,38 +321,27 @@ def _need(spec: ModelSpec, statuses: dict[str, dict[str, Any] | RbeeError],
                                  "a source: hf:ORG/REPO/FILE.gguf, https://…, file:/….")
     from rbee_keeper.probe import probe
 
-    t = time.perf_counter()
-    header = probe(spec.source)
-    timings["probe_ms"] = (time.perf_counter() - t) * 1000
+    with ctx.timed("probe_ms"):
+        header = probe(spec.source)
     return dataclasses.replace(need, **header) if header else need
 
 
-def _stream(url: str, token: str, req: InferRequest, job_id: str,
-            on_text: Callable[[str], None], wait: float) -> Stream:
-    """Stream the job; on 503, retry after Retry-After until `wait` seconds have passed."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return execute(url, token, req.body(job_id), on_text)
-        except Busy as e:
-            if time.monotonic() + e.retry_after > deadline:
-                if wait <= 0:
-                    raise
-                raise AllSlotsBusy(f"the worker at {url} stayed busy for {wait:g}s",
-                                   worker=url) from e
-            time.sleep(e.retry_after)
-        except KeyboardInterrupt:
-            cancel(url, token, job_id)
-            raise Interrupted(f"cancelled job {job_id}", hint="", job_id=job_id) from None
+def placement_doc(choice: Choice, worker: cache.KnownWorker) -> dict[str, Any]:
+    """The `placement` of an infer document: the same keys on the warm and the cold path."""
+    if choice.placement is not None:
+        return {"path": choice.path, **choice.placement.to_dict()}
+    return {"path": choice.path,
+            "chosen": {"host": worker.host, "backend": worker.backend, "device": worker.device,
+                       "reason": WARM_REASON, "worker": worker.id},
+            "ctx": worker.ctx, "estimate": None, "rejected": []}
 
 
-def _document(model: str, stream: Stream, known: cache.KnownWorker,
-              path: str, placement: Placement | None, timings: dict[str, float],
-              t0: float) -> dict[str, Any]:
+def document(choice: Choice, stream: Stream, worker: cache.KnownWorker,
+             timings: dict[str, float], t0: float) -> dict[str, Any]:
     end = stream.end or {}
-    doc: dict[str, Any] = {
+    return {
         "schema": SCHEMA,
-        "model": model,
+        "model": choice.model,
         "text": "".join(stream.text),
         "tokens": int(end.get("tokens_out", stream.tokens)),
         "prompt_tokens": end.get("prompt_tokens"),
@@ -238,12 +354,8 @@ def _document(model: str, stream: Stream, known: cache.KnownWorker,
             "worker_ttft_ms": end.get("ttft_ms"),
             **{k: round(v, 2) for k, v in timings.items()},
         },
-        "host": known.host,
-        "worker": {"id": known.id, "url": known.url, "backend": known.backend,
-                   "device": known.device},
-        "placement": {"path": path, **(placement.to_dict() if placement else {
-            "chosen": {"host": known.host, "backend": known.backend, "device": known.device,
-                       "reason": "known worker answered /health", "worker": known.id},
-            "rejected": []})},
+        "host": worker.host,
+        "worker": {"id": worker.id, "url": worker.url, "backend": worker.backend,
+                   "device": worker.device},
+        "placement": placement_doc(choice, worker),
     }
-    return doc

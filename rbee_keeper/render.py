@@ -102,3 +102,15 @@ def infer_summary(doc: Doc) -> str:
     return (f"[dim]{doc['tokens']} tokens · {rate}first token {t['ttft_ms']:.0f} ms · "
             f"{doc['host']} {w['backend']}:{w['device']} {w['id']} ({doc['placement']['path']})"
             f" · {t['total_ms'] / 1000:.2f}s[/]")
+
+
+def render_stopped_all(doc: Doc) -> None:
+    con = console()
+    if not doc["stopped"]:
+        con.print("[dim]No workers to stop.[/]")
+    for s in doc["stopped"]:
+        how = f" ({s['signal']})" if s.get("signal") else " (was not running)"
+        con.print(f"stopped {escape(s['id'])} on {escape(s['host'])}{how}")
+    for h in doc["hosts"]:
+        if not h["ok"]:
+            console(stderr=True).print(f"{h['name']}: {_error_line(h['error'])}")

@@ -122,16 +122,32 @@ class LocalTransport:
         err: list[bytes] = []
         drainer = _drain(proc.stderr, err)
         reply = HiveReply()
+        # the deadline covers the whole command, not just the wait after stdout closes
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, expire) if timeout else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         try:
             for raw in proc.stdout:
                 reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
-            reply.exit_code = proc.wait(timeout=timeout)
+            reply.exit_code = proc.wait()
         finally:
+            if timer is not None:
+                timer.cancel()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         drainer.join(timeout=5)
         reply.stderr = b"".join(err).decode("utf-8", errors="replace")
+        if expired.is_set() and reply.result is None and reply.error is None:
+            raise HostUnreachable(f"{self.host.name}: rbee-hive gave no answer within "
+                                  f"{timeout:g}s; stopped it")
         return reply
 
     def close(self) -> None:
@@ -211,7 +227,12 @@ class SshTransport:
     def _connect(self) -> Any:
         with self._lock:
             if self._conn is not None:
-                return self._conn
+                transport = self._conn.transport
+                if transport is not None and transport.is_active():
+                    return self._conn
+                log.info("%s: the SSH connection dropped; reconnecting", self.host.name)
+                self._conn.close()
+                self._conn = None
             from fabric import Connection
 
             target, user, port = self.host.ssh_target()
@@ -258,14 +279,31 @@ class SshTransport:
             return HostUnreachable(f"{where}: SSH failed: {e or type(e).__name__}")
         return HostUnreachable(f"{where}: {type(e).__name__}: {e}")
 
+    def _open_channel(self) -> Any:
+        """A session channel; a connection that died since its last use is reopened once."""
+        import paramiko
+
+        for attempt in (1, 2):
+            conn = self._connect()
+            try:
+                return conn.transport.open_session(timeout=self.host.connect_timeout)
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                with self._lock:
+                    if self._conn is conn:
+                        conn.close()
+                        self._conn = None
+                if attempt == 2:
+                    raise HostUnreachable(f"{self.host.name}: cannot open an SSH session: "
+                                          f"{e or type(e).__name__}") from e
+        raise AssertionError("unreachable")
+
     def run(self, args: list[str], *, secrets: dict[str, str] | None = None,
             on_event: Reporter | None = None, on_line: Callable[[str], None] | None = None,
             timeout: float | None = None) -> HiveReply:
-        conn = self._connect()
         command = _remote_command(self.host, args)
         log.debug("%s$ %s", self.host.name, command)
+        chan = self._open_channel()
         try:
-            chan = conn.transport.open_session(timeout=self.host.connect_timeout)
             chan.settimeout(timeout)
             chan.exec_command(command)
             chan.sendall((json.dumps({"env": self.host.env, **(secrets or {})}) + "\n").encode())
@@ -278,12 +316,18 @@ class SshTransport:
             reply.exit_code = chan.recv_exit_status()
             drainer.join(timeout=5)
         except TimeoutError as e:
+            chan.close()
             raise HostUnreachable(f"{self.host.name}: rbee-hive gave no answer within "
                                   f"{timeout:g}s") from e
         except (OSError, EOFError) as e:
+            chan.close()
             raise HostUnreachable(f"{self.host.name}: the SSH connection broke: {e}") from e
         reply.stderr = b"".join(err).decode("utf-8", errors="replace")
         chan.close()
+        if reply.exit_code == -1 and reply.result is None and reply.error is None:
+            # paramiko's "no exit status": the connection went away while the command ran
+            raise HostUnreachable(f"{self.host.name}: the SSH connection broke while "
+                                  f"rbee-hive was running")
         if reply.exit_code in (126, 127) and reply.result is None and reply.error is None:
             first = (reply.stderr.strip().splitlines() or [""])[-1]
             raise HiveNotInstalled(
@@ -301,9 +345,3 @@ class SshTransport:
 
 
 Transport = LocalTransport | SshTransport
-
-
-def make_transport(host: HostConfig, accept_new: bool = False) -> Transport:
-    if host.transport == "local":
-        return LocalTransport(host)
-    return SshTransport(host, accept_new)

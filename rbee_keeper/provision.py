@@ -1,0 +1,60 @@
+"""Getting a worker ready on a host: the model there, a worker started with its own token,
+and the worker remembered (with that token) so the next job finds it without SSH.
+
+Every path that starts or adopts a worker — `rbee infer`, `rbee pool worker spawn`, and the
+queen — goes through here, so a worker is always remembered the same way.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import replace
+from typing import Any
+
+from rbee_common.progress import Reporter, null_reporter
+from rbee_keeper import cache
+from rbee_keeper.hive import HiveClient, SpawnRequest
+from rbee_keeper.hosts import HostConfig
+
+TOKEN_BYTES = 32
+
+
+def new_token() -> str:
+    """A worker's bearer token: made here, sent over stdin, never on a command line."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def known_worker(host: HostConfig, record: dict[str, Any], token: str,
+                 ref: str = "") -> cache.KnownWorker:
+    """What the controller keeps about a worker: where it is, its token, what it serves."""
+    return cache.KnownWorker(host=host.name, id=record["id"], url=host.worker_url(record["port"]),
+                             token=token, model=record["model"], backend=record["backend"],
+                             device=record["device"], ctx=record["ctx"], ref=ref)
+
+
+def remember(host: HostConfig, record: dict[str, Any], token: str,
+             ref: str = "") -> cache.KnownWorker:
+    known = known_worker(host, record, token, ref)
+    cache.remember(known)
+    return known
+
+
+def ensure_model(hive: HiveClient, ref: str, model_id: str, sha256: str | None,
+                 report: Reporter = null_reporter) -> dict[str, Any]:
+    """Download the model to the host unless it is there (the hive checks); its document."""
+    return hive.download(ref, model_id=model_id, sha256=sha256, on_event=report)
+
+
+def start_worker(hive: HiveClient, req: SpawnRequest, ref: str = "",
+                 report: Reporter = null_reporter) -> cache.KnownWorker:
+    """Spawn a worker with a fresh token, bound where the controller can reach it; remember it."""
+    if req.bind is None:
+        req = replace(req, bind=hive.host.worker_bind())
+    token = new_token()
+    record = hive.spawn(req, token, on_event=report)
+    return remember(hive.host, record, token, ref)
+
+
+def adopt_worker(hive: HiveClient, record: dict[str, Any], ref: str = "") -> cache.KnownWorker:
+    """Use a worker the host already runs (an idle one placement chose): fetch its token."""
+    return remember(hive.host, record, hive.token(record["id"]), ref)
