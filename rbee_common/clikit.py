@@ -28,6 +28,18 @@ def reporting(fmt: Format) -> Iterator[Reporter]:
         close_reporter(report)
 
 
+def parse_devices(value: str | None) -> tuple[int, ...] | None:
+    """`--device 1` or `--device 0,1` (several GPUs of one host) → indices; USAGE if not."""
+    if value is None:
+        return None
+    from rbee_common.errors import UsageError
+
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise UsageError(f"--device {value!r}: give a device index, or several as 0,1")
+    return tuple(int(p) for p in parts)
+
+
 def root_app(name: str, help: str) -> typer.Typer:
     """The top-level app of an rbee CLI: errors and exit codes are run_app's job, not typer's."""
     return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,

@@ -28,6 +28,7 @@ class KnownWorker:
     ctx: int
     ref: str = ""  # the reference it was started for (`--model`), so a warm hit needs no catalog
     added_at: float = 0.0
+    devices: tuple[int, ...] = ()  # every device it uses, when it spans several
 
 
 def cache_path() -> Path:
@@ -39,7 +40,7 @@ def load() -> list[KnownWorker]:
     out = []
     for w in doc.get("workers", []):
         try:
-            out.append(KnownWorker(**w))
+            out.append(KnownWorker(**{**w, "devices": tuple(w.get("devices") or ())}))
         except TypeError:
             continue  # an entry from another version: ignore it
     return out
@@ -64,11 +65,11 @@ def forget(worker_id: str, host: str | None = None) -> None:
             _save(keep)
 
 
-def matching(ref: str, hosts: set[str], backend: str | None, device: int | None,
-             ctx: int | None) -> list[KnownWorker]:
+def matching(ref: str, hosts: set[str], backend: str | None,
+             devices: tuple[int, ...] | None, ctx: int | None) -> list[KnownWorker]:
     """Known workers for a model reference (its id, or the reference they were started for)."""
     return [w for w in load()
             if ref in (w.model, w.ref) and w.host in hosts
             and (backend is None or w.backend == backend)
-            and (device is None or w.device == device)
+            and (devices is None or tuple(w.devices or (w.device,)) == devices)
             and (ctx is None or w.ctx >= ctx)]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rbee_common.clikit import FormatOpt, VersionOpt, reporting, root_app
+from rbee_common.clikit import FormatOpt, VersionOpt, parse_devices, reporting, root_app
 from rbee_common.errors import UsageError
 from rbee_common.names import BACKENDS
 from rbee_common.output import Format, console, run_app, write_json
@@ -38,7 +38,8 @@ def infer(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt; - reads stdin.")],
     host: Annotated[list[str] | None, typer.Option("--host", help="Only these hosts.")] = None,
     backend: Annotated[str | None, typer.Option(help="cpu, cuda or metal.")] = None,
-    device: Annotated[int | None, typer.Option(help="Device index.")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="Device index, or several GPUs of one host to split across: 0,1.")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context size of a new worker.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
@@ -64,7 +65,8 @@ def infer(
     if backend is not None and backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: choose cpu, cuda or metal")
     req = infer_mod.InferRequest(
-        model=model, prompt=text, hosts=tuple(host or ()), backend=backend, device=device,
+        model=model, prompt=text, hosts=tuple(host or ()), backend=backend,
+        device=parse_devices(device),
         ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop=tuple(stop or ()))
     printed: list[str] = []

@@ -55,7 +55,7 @@ class InferRequest:
     prompt: str
     hosts: tuple[str, ...] = ()
     backend: str | None = None
-    device: int | None = None
+    device: tuple[int, ...] | None = None  # one device, or several GPUs of one host
     ctx: int | None = None
     max_tokens: int = 128
     temperature: float = 0.7
@@ -215,8 +215,9 @@ def provision(choice: Choice, req: InferRequest, ctx: Context) -> cache.KnownWor
         with ctx.timed("download_ms"):
             prov.ensure_model(hive, str(spec.source), spec.id, spec.sha256, ctx.report)
     with ctx.timed("spawn_ms"):
-        return prov.start_worker(hive, SpawnRequest(chosen.backend, spec.id, chosen.device,
-                                                    ctx=placement.ctx),
+        split = chosen.tensor_split if len(chosen.devices) > 1 else None
+        return prov.start_worker(hive, SpawnRequest(chosen.backend, spec.id, chosen.devices,
+                                                    ctx=placement.ctx, tensor_split=split),
                                  req.model, ctx.report)
 
 

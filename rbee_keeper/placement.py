@@ -1,11 +1,13 @@
 """Where a job runs: filter the candidates, then score them; every rejection has a reason.
 
-Candidates are (host, backend, device) triples from each host's `rbee-hive status`.
+Candidates come from each host's `rbee-hive status`: every device of an available backend,
+and — when no single GPU of a host can hold the model — all the GPUs of that host together
+(llama.cpp's layer split, weights in proportion to each card's available memory).
 Filters: the host answered; the backend is available; the device matches the constraints;
-the model fits (its estimate ≤ free memory less the reserve and what loading workers will
-take) — unless an idle worker already serves it there.
+the model fits by the one fit rule (rbee_common.fit) — unless an idle worker already serves
+it there.
 Score, best first: an idle worker already serving the model; a GPU over the CPU; the model
-file already on the host; the most free memory.
+file already on the host; the most available memory.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from rbee_common.errors import InsufficientRam, InsufficientVram, RbeeError
 from rbee_common.estimate import Estimate, estimate, human_bytes
-from rbee_common.fit import default_ctx, fit, room_of
+from rbee_common.fit import Fit, Room, default_ctx, fit, room_of, worker_devices
 from rbee_common.names import GPU_BACKENDS, WorkerState
 from rbee_keeper.errors import NoPlacement
 
@@ -53,23 +55,37 @@ class ModelNeed:
 @dataclass(frozen=True)
 class Constraints:
     backend: str | None = None
-    device: int | None = None
+    device: int | tuple[int, ...] | None = None  # one device, or several to split across
     ctx: int | None = None
+
+    def devices(self) -> tuple[int, ...] | None:
+        if self.device is None:
+            return None
+        return (self.device,) if isinstance(self.device, int) else tuple(self.device)
 
 
 @dataclass(frozen=True)
 class Candidate:
     host: str
     backend: str
-    device: int
+    devices: tuple[int, ...]
     memory_free: int | None
     available: int | None
     has_model: bool
     worker: dict[str, Any] | None  # an idle worker that already serves the model
+    tensor_split: tuple[float, ...] = ()  # proportions when split across several devices
+
+    @property
+    def device(self) -> int:
+        return self.devices[0]
+
+    @property
+    def device_label(self) -> str:
+        return f"{self.backend}:{'+'.join(str(d) for d in self.devices)}"
 
     @property
     def label(self) -> str:
-        return f"{self.host} {self.backend}:{self.device}"
+        return f"{self.host} {self.device_label}"
 
     def score(self) -> tuple[bool, bool, bool, int]:
         return (self.worker is not None, self.backend in GPU_BACKENDS, self.has_model,
@@ -79,6 +95,9 @@ class Candidate:
         if self.worker is not None:
             return f"idle worker {self.worker['id']} already serves the model"
         parts = ["GPU" if self.backend in GPU_BACKENDS else "CPU"]
+        if len(self.devices) > 1:
+            shares = ", ".join(f"{p:.0%}" for p in self.tensor_split)
+            parts[0] = f"{len(self.devices)} GPUs, no single one fits (split {shares})"
         parts.append("model already here" if self.has_model else "model to download")
         parts.append(f"{human_bytes(self.available)} available")
         return ", ".join(parts)
@@ -91,11 +110,20 @@ class Rejection:
     device: int | None
     reason: str
     memory: bool = False  # rejected for lack of memory
+    devices: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("memory")
+        d["devices"] = list(self.devices) if self.devices else (
+            None if self.device is None else [self.device])
         return d
+
+    def label(self) -> str:
+        if not self.backend or self.device is None:
+            return self.host
+        devices = self.devices or (self.device,)
+        return f"{self.host} {self.backend}:{'+'.join(str(d) for d in devices)}"
 
 
 @dataclass(frozen=True)
@@ -109,6 +137,7 @@ class Placement:
         c = self.chosen
         return {
             "chosen": {"host": c.host, "backend": c.backend, "device": c.device,
+                       "devices": list(c.devices), "tensor_split": list(c.tensor_split),
                        "reason": c.why(), "worker": c.worker["id"] if c.worker else None},
             "ctx": self.ctx,
             "estimate": self.estimate.to_dict() if self.estimate else None,
@@ -116,14 +145,30 @@ class Placement:
         }
 
 
-def _idle_worker(status: dict[str, Any], need: ModelNeed, backend: str, device: int,
-                 ctx: int | None) -> dict[str, Any] | None:
+def _idle_worker(status: dict[str, Any], need: ModelNeed, backend: str,
+                 devices: tuple[int, ...], ctx: int | None) -> dict[str, Any] | None:
     for w in status.get("workers", []):
         if (w.get("model") == need.id and w.get("backend") == backend
-                and w.get("device") == device and w.get("state") == WorkerState.ready
+                and tuple(worker_devices(w)) == devices and w.get("state") == WorkerState.ready
                 and (ctx is None or w.get("ctx", 0) >= ctx)):
             return dict(w)
     return None
+
+
+def _split_candidate(name: str, status: dict[str, Any], need: ModelNeed, c: Constraints,
+                     est: Estimate | None, rooms: list[Room], has_model: bool,
+                     rejected: list[Rejection]) -> Candidate | None:
+    """All the GPUs of one backend on a host together (llama.cpp's layer split)."""
+    backend, devices = rooms[0].backend, tuple(r.index for r in rooms)
+    worker = _idle_worker(status, need, backend, devices, c.ctx)
+    verdict: Fit | None = fit(est, rooms) if est is not None else None
+    if worker is None and verdict is not None and not verdict.ok:
+        rejected.append(Rejection(name, backend, devices[0], f"split: {verdict.reason()}",
+                                  memory=True, devices=devices))
+        return None
+    split = verdict.tensor_split if verdict is not None else tuple(1 / len(rooms) for _ in rooms)
+    return Candidate(name, backend, devices, sum(r.free or 0 for r in rooms),
+                     sum(max(r.available or 0, 0) for r in rooms), has_model, worker, split)
 
 
 def _host_candidates(name: str, status: dict[str, Any], need: ModelNeed, c: Constraints,
@@ -137,23 +182,44 @@ def _host_candidates(name: str, status: dict[str, Any], need: ModelNeed, c: Cons
     if not has_model and not need.downloadable:
         rejected.append(Rejection(name, None, None, f"has no model {need.id!r}"))
         return []
-    out = []
+    workers = status.get("workers", [])
+    reserve = status.get("reserve_bytes")  # the host's own setting, as it reported it
+    wanted = c.devices()
+    out: list[Candidate] = []
+    gpu_rooms: dict[str, list[Room]] = {}
     for dev in status.get("devices", []):
         b, idx = dev["backend"], dev["index"]
         if not backends.get(b, {}).get("available") or (c.backend and b != c.backend):
             continue
-        if c.device is not None and idx != c.device:
-            rejected.append(Rejection(name, b, idx, f"not the requested device {c.device}"))
+        room = room_of(dev, workers, reserve)
+        if wanted is not None and idx not in wanted:
+            rejected.append(Rejection(name, b, idx, "not the requested device "
+                                      + ",".join(str(d) for d in wanted)))
             continue
-        # the host's own reserve setting, as it reported it
-        room = room_of(dev, status.get("workers", []), status.get("reserve_bytes"))
-        worker = _idle_worker(status, need, b, idx, c.ctx)
+        if b in GPU_BACKENDS:
+            gpu_rooms.setdefault(b, []).append(room)
+        if wanted is not None and len(wanted) > 1:
+            continue  # pinned to several devices: only the split below is a candidate
+        worker = _idle_worker(status, need, b, (idx,), c.ctx)
         if worker is None and est is not None and not (verdict := fit(est, [room])).ok:
             rejected.append(Rejection(name, b, idx, verdict.reason(), memory=True))
             continue
-        out.append(Candidate(name, b, idx, room.free, room.available, has_model, worker))
+        out.append(Candidate(name, b, (idx,), room.free, room.available, has_model, worker))
+    for b, rooms in gpu_rooms.items():
+        if len(rooms) < 2 or any(cand.backend == b for cand in out):
+            continue  # one card holds it (or there is only one): no split
+        if wanted is not None and set(wanted) != {r.index for r in rooms}:
+            continue
+        usable = [r for r in rooms if wanted is not None
+                  or (r.available or 0) > (est.overhead_bytes if est else 0)]
+        if len(usable) < 2:
+            continue
+        cand = _split_candidate(name, status, need, c, est, usable, has_model, rejected)
+        if cand is not None:
+            out.append(cand)
     if not out and not any(r.host == name for r in rejected):
-        rejected.append(Rejection(name, c.backend, c.device, "no device for the request"))
+        rejected.append(Rejection(name, c.backend, wanted[0] if wanted else None,
+                                  "no device for the request"))
     return out
 
 
@@ -171,18 +237,18 @@ def place(statuses: dict[str, dict[str, Any] | RbeeError], need: ModelNeed,
             continue
         survivors += _host_candidates(name, status, need, c, est, rejected)
     if not survivors:
-        raise _nothing_fits(need, c, rejected)
+        raise _nothing_fits(need, rejected)
     ranked = sorted(survivors, key=Candidate.score, reverse=True)
     chosen = ranked[0]
     for other in ranked[1:]:
         rejected.append(Rejection(other.host, other.backend, other.device,
-                                  f"ranked lower ({other.why()})"))
+                                  f"ranked lower ({other.why()})",
+                                  devices=other.devices if len(other.devices) > 1 else None))
     return Placement(chosen, ctx, est, rejected)
 
 
-def _nothing_fits(need: ModelNeed, c: Constraints, rejected: list[Rejection]) -> RbeeError:
-    lines = "; ".join(f"{r.host}" + (f" {r.backend}:{r.device}" if r.backend and r.device
-                                     is not None else "") + f": {r.reason}" for r in rejected)
+def _nothing_fits(need: ModelNeed, rejected: list[Rejection]) -> RbeeError:
+    lines = "; ".join(f"{r.label()}: {r.reason}" for r in rejected)
     details = {"rejected": [r.to_dict() for r in rejected]}
     message = f"no host can run {need.id}: {lines or 'no hosts'}"
     if rejected and all(r.memory for r in rejected):

@@ -11,6 +11,7 @@ import secrets
 from dataclasses import replace
 from typing import Any
 
+from rbee_common.fit import worker_devices
 from rbee_common.progress import Reporter, null_reporter
 from rbee_keeper import cache
 from rbee_keeper.hive import HiveClient, SpawnRequest
@@ -29,7 +30,8 @@ def known_worker(host: HostConfig, record: dict[str, Any], token: str,
     """What the controller keeps about a worker: where it is, its token, what it serves."""
     return cache.KnownWorker(host=host.name, id=record["id"], url=host.worker_url(record["port"]),
                              token=token, model=record["model"], backend=record["backend"],
-                             device=record["device"], ctx=record["ctx"], ref=ref)
+                             device=record["device"], ctx=record["ctx"], ref=ref,
+                             devices=tuple(worker_devices(record)))
 
 
 def remember(host: HostConfig, record: dict[str, Any], token: str,
