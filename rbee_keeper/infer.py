@@ -333,6 +333,7 @@ def placement_doc(choice: Choice, worker: cache.KnownWorker) -> dict[str, Any]:
         return {"path": choice.path, **choice.placement.to_dict()}
     return {"path": choice.path,
             "chosen": {"host": worker.host, "backend": worker.backend, "device": worker.device,
+                       "devices": list(worker.devices or (worker.device,)), "tensor_split": [],
                        "reason": WARM_REASON, "worker": worker.id},
             "ctx": worker.ctx, "estimate": None, "rejected": []}
 
