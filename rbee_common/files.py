@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("rbee.files")
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -33,10 +37,30 @@ def atomic_write_json(path: Path, doc: Any, mode: int = 0o644) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file's content; `default` when it is missing. A damaged file (not UTF-8 JSON)
+    is never trusted and never fatal: it is set aside as `<name>.corrupt-<time>`, named in a
+    warning, and read as `default`."""
     try:
-        return json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         return default
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        aside = set_aside(path)
+        log.warning("%s is damaged (%s); set it aside as %s and carried on without it",
+                    path, e, aside)
+        return default
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file out of the way, keeping it for inspection."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+                           f"-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, aside)
+    return aside
+
 
 
 @contextlib.contextmanager
