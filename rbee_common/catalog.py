@@ -25,6 +25,7 @@ class CatalogEntry(BaseModel):
     size: int | None = Field(default=None, gt=0)
     license: str | None = None
     description: str | None = None
+    ttl: float | None = Field(default=None, ge=0)  # seconds an idle worker is kept (queen)
 
     def parsed_source(self) -> Source:
         return parse_source(self.source)

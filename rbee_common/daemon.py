@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,3 +196,27 @@ def stop(files: DaemonFiles, grace: float = 10.0) -> dict[str, Any]:
 def own_argv(module: str, *args: str) -> list[str]:
     """This interpreter running `python -m module args`: the daemon runs the same install."""
     return [sys.executable, "-m", module, *args]
+
+
+def follow_log(path: Path, lines: int, alive: Callable[[], bool] | None = None
+               ) -> Iterator[str]:
+    """A log's last lines, then (when `alive` is given) new lines while it returns True."""
+    yield from log_tail(path, lines)
+    if alive is None:
+        return
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        partial = b""
+        while True:
+            chunk = f.read()
+            if chunk:
+                partial += chunk
+                *done, partial = partial.split(b"\n")
+                for line in done:
+                    yield line.decode("utf-8", errors="replace")
+                continue
+            if not alive():
+                if partial:
+                    yield partial.decode("utf-8", errors="replace")
+                return
+            time.sleep(0.2)

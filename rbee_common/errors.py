@@ -128,3 +128,16 @@ class AllSlotsBusy(RbeeError):
 
     code = "ALL_SLOTS_BUSY"
     default_hint = "Retry after the Retry-After seconds, or spawn another worker."
+
+
+class InvalidRequest(RbeeError):
+    """An HTTP request body is not what the route accepts."""
+
+    code = "INVALID_REQUEST"
+
+
+class Unauthorized(RbeeError):
+    """The bearer token is missing or wrong."""
+
+    code = "UNAUTHORIZED"
+    default_hint = "Send `Authorization: Bearer <token>` with the server's token."

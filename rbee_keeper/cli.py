@@ -12,12 +12,16 @@ from rbee_common.errors import UsageError
 from rbee_common.names import BACKENDS
 from rbee_common.output import Format, console, run_app, write_json
 from rbee_keeper.cli_hosts import app as hosts_app
+from rbee_keeper.cli_jobs import app as jobs_app
 from rbee_keeper.cli_pool import pool
+from rbee_keeper.cli_queen import app as queen_app
 from rbee_keeper.cli_workers import app as workers_app
 
 app = root_app("rbee", "Run local LLMs across the GPU machines of a home lab, over plain SSH.")
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(workers_app, name="workers")
+app.add_typer(queen_app, name="queen")
+app.add_typer(jobs_app, name="jobs")
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
             add_help_option=False)(pool)
 
@@ -81,7 +85,10 @@ def infer(
 
     try:
         with reporting(fmt) as report:
-            doc = infer_mod.run(req, on_text, report, accept_new_host_key)
+            if infer_mod.uses_queen():
+                doc = infer_mod.run_via_queen(req, on_text, report)
+            else:
+                doc = infer_mod.run(req, on_text, report, accept_new_host_key)
     finally:
         if fmt is Format.text and printed and not "".join(printed).endswith("\n"):
             sys.stdout.write("\n")  # the partial text stays, on its own line

@@ -15,7 +15,6 @@ streams, on the worker itself.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ from rbee_common.progress import Reporter, null_reporter
 from rbee_keeper import cache
 from rbee_keeper.errors import NoPlacement, UnknownHost
 from rbee_keeper.hostsfile import host_names
+from rbee_keeper.jobs import new_job_id
 from rbee_keeper.worker_client import Busy, Stream, cancel, execute
 
 if TYPE_CHECKING:  # the cold path's modules load only when it runs
@@ -70,10 +70,6 @@ class InferRequest:
         return {"job_id": job_id, "prompt": self.prompt, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                 "seed": self.seed, "stop": list(self.stop)}
-
-
-def new_job_id() -> str:
-    return f"job-{secrets.token_hex(6)}"
 
 
 class Cancel:
@@ -264,7 +260,7 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
                 raise
             cache.forget(known.id, known.host)  # died before saying anything: go cold
             continue
-        return document(Choice(known.model, worker=known), stream, known, {}, t0)
+        return document(Choice(known.model, worker=known), stream, known, {}, t0, job_id)
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import select
 
@@ -286,7 +282,7 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
     except WorkerCrashed:
         cache.forget(worker.id, worker.host)
         raise
-    return document(choice, stream, worker, ctx.timings, t0)
+    return document(choice, stream, worker, ctx.timings, t0, job_id)
 
 
 def _spec(ref: str) -> ModelSpec:
@@ -303,23 +299,13 @@ def _spec(ref: str) -> ModelSpec:
 
 def _need(spec: ModelSpec, states: dict[str, dict[str, Any] | RbeeError],
           ctx: Context) -> ModelNeed:
-    from rbee_keeper.placement import ModelNeed
+    """The model's figures from a host that has it, else from its GGUF header (a Range
+    request for the first megabytes), else from the reference alone."""
+    from rbee_keeper.placement import need_for
 
-    need = ModelNeed(spec.id, str(spec.source or ""), spec.sha256, spec.size,
-                     downloadable=spec.source is not None)
-    for status in states.values():
-        if isinstance(status, RbeeError):
-            continue
-        for m in status.get("models", []):
-            if need.matches(m):
-                return dataclasses.replace(need, size=m["size"], data_offset=m["data_offset"],
-                                           kv_per_token=m["kv_per_token"],
-                                           context_length=m["context_length"])
-    if spec.source is None:
-        raise ModelNotFound(f"no model {spec.id!r} in the catalog or on any host",
-                            hint="See `rbee-hive models catalog`, import the file on a host "
-                                 "(`rbee pool models import PATH --id ID --host NAME`), or name "
-                                 "a source: hf:ORG/REPO/FILE.gguf, https://…, file:/….")
+    need, found = need_for(spec, states)
+    if found or spec.source is None:
+        return need
     from rbee_keeper.probe import probe
 
     with ctx.timed("probe_ms"):
@@ -339,10 +325,11 @@ def placement_doc(choice: Choice, worker: cache.KnownWorker) -> dict[str, Any]:
 
 
 def document(choice: Choice, stream: Stream, worker: cache.KnownWorker,
-             timings: dict[str, float], t0: float) -> dict[str, Any]:
+             timings: dict[str, float], t0: float, job_id: str) -> dict[str, Any]:
     end = stream.end or {}
     return {
         "schema": SCHEMA,
+        "job_id": job_id,
         "model": choice.model,
         "text": "".join(stream.text),
         "tokens": int(end.get("tokens_out", stream.tokens)),
@@ -361,3 +348,71 @@ def document(choice: Choice, stream: Stream, worker: cache.KnownWorker,
                    "device": worker.device},
         "placement": placement_doc(choice, worker),
     }
+
+
+def run_via_queen(req: InferRequest, on_text: Callable[[str], None],
+                  report: Reporter = null_reporter) -> dict[str, Any]:
+    """The same job through the queen (`queen_url` is set): same document, same errors."""
+    from rbee_keeper.queen_client import QueenClient, follow, target
+
+    if req.hosts or req.backend or req.device is not None or req.ctx is not None:
+        from rbee_common.errors import UsageError
+
+        raise UsageError("--host, --backend, --device and --ctx are the daemonless path's: the "
+                         "queen places jobs itself",
+                         hint="Leave them out, or unset queen_url / RBEE_QUEEN_URL.")
+    t0 = time.perf_counter()
+    client = QueenClient(target())
+    body = {"model": req.model, "prompt": req.prompt, "max_tokens": req.max_tokens,
+            "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+            "seed": req.seed, "stop": list(req.stop)}
+    job_id = client.submit(body)["id"]
+    seen: dict[str, dict[str, Any]] = {}
+    first: list[float] = []
+
+    def on_event(event: Any) -> None:
+        if event.event in ("placed", "started"):
+            seen[event.event] = event.json()
+        elif event.event in ("evicting", "loading"):
+            report({"event": "log", "message": f"rbee: {event.event} {event.data}"})
+
+    def text(t: str) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        on_text(t)
+
+    end = follow(client, job_id, text, on_event)
+    job = client.task(job_id)
+    placed = seen.get("placed", {})
+    chosen = {k: placed.get(k) for k in ("host", "backend", "device", "reason", "worker")}
+    chosen["devices"] = placed.get("devices") or [placed.get("device")]
+    chosen["tensor_split"] = placed.get("tensor_split") or []
+    chosen["worker"] = chosen["worker"] or job.get("worker")
+    timings = dict(job.get("timings") or {})
+    return {
+        "schema": SCHEMA, "job_id": job_id, "model": job["model"], "text": job.get("text", ""),
+        "tokens": int(end.get("tokens_out", job.get("tokens", 0))),
+        "prompt_tokens": end.get("prompt_tokens"), "stop_reason": end.get("stop_reason"),
+        "timings": {"ttft_ms": round((first[0] - t0) * 1000, 2) if first else 0.0,
+                    "tokens_per_sec": end.get("tokens_per_sec"),
+                    "total_ms": round((time.perf_counter() - t0) * 1000, 2),
+                    "stream_ms": timings.get("stream_ms"),
+                    "worker_ttft_ms": end.get("ttft_ms")},
+        "host": job.get("host"),
+        "worker": {"id": job.get("worker"), "url": seen.get("started", {}).get("url"),
+                   "backend": placed.get("backend"), "device": placed.get("device")},
+        "placement": {"path": placed.get("path", "cold"), "chosen": chosen,
+                      "ctx": placed.get("ctx"), "estimate": placed.get("estimate"),
+                      "rejected": placed.get("rejected", [])},
+    }
+
+
+def uses_queen() -> bool:
+    """Whether `rbee infer` goes through a queen (queen_url in config.toml or RBEE_QUEEN_URL)."""
+    import os
+
+    if os.environ.get("RBEE_QUEEN_URL"):
+        return True
+    from rbee_keeper.queen_client import config_path, configured_url
+
+    return config_path().is_file() and configured_url() is not None

@@ -12,12 +12,14 @@ file already on the host; the most available memory.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from rbee_common.errors import InsufficientRam, InsufficientVram, RbeeError
+from rbee_common.errors import InsufficientRam, InsufficientVram, ModelNotFound, RbeeError
 from rbee_common.estimate import Estimate, estimate, human_bytes
 from rbee_common.fit import Fit, Room, default_ctx, fit, room_of, worker_devices
+from rbee_common.models import ModelSpec
 from rbee_common.names import GPU_BACKENDS, WorkerState
 from rbee_keeper.errors import NoPlacement
 
@@ -50,6 +52,29 @@ class ModelNeed:
         if self.sha256 and model.get("sha256"):
             return bool(model["sha256"] == self.sha256)
         return not self.source or bool(model.get("source") == self.source)
+
+
+def need_for(spec: ModelSpec, statuses: Mapping[str, dict[str, Any] | RbeeError]
+             ) -> tuple[ModelNeed, bool]:
+    """What placement knows of a model: from a host that has it (its GGUF figures), else
+    from the reference alone; and whether a host had it. MODEL_NOT_FOUND when there is
+    nowhere to get it from."""
+    need = ModelNeed(spec.id, str(spec.source or ""), spec.sha256, spec.size,
+                     downloadable=spec.source is not None)
+    for status in statuses.values():
+        if isinstance(status, RbeeError):
+            continue
+        for m in status.get("models", []):
+            if need.matches(m):
+                return replace(need, size=m["size"], data_offset=m["data_offset"],
+                               kv_per_token=m["kv_per_token"],
+                               context_length=m["context_length"]), True
+    if spec.source is None:
+        raise ModelNotFound(f"no model {spec.id!r} in the catalog or on any host",
+                            hint="See `rbee-hive models catalog`, import the file on a host "
+                                 "(`rbee pool models import PATH --id ID --host NAME`), or name "
+                                 "a source: hf:ORG/REPO/FILE.gguf, https://…, file:/….")
+    return need, False
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,19 @@ def ensure_model(hive: HiveClient, ref: str, model_id: str, sha256: str | None,
     return hive.download(ref, model_id=model_id, sha256=sha256, on_event=report)
 
 
-def start_worker(hive: HiveClient, req: SpawnRequest, ref: str = "",
-                 report: Reporter = null_reporter) -> cache.KnownWorker:
-    """Spawn a worker with a fresh token, bound where the controller can reach it; remember it."""
+def spawn_worker(hive: HiveClient, req: SpawnRequest,
+                 report: Reporter = null_reporter) -> tuple[dict[str, Any], str]:
+    """Spawn a worker with a fresh token, bound where the controller can reach it."""
     if req.bind is None:
         req = replace(req, bind=hive.host.worker_bind())
     token = new_token()
-    record = hive.spawn(req, token, on_event=report)
+    return hive.spawn(req, token, on_event=report), token
+
+
+def start_worker(hive: HiveClient, req: SpawnRequest, ref: str = "",
+                 report: Reporter = null_reporter) -> cache.KnownWorker:
+    """Spawn a worker (`spawn_worker`) and remember it for the next `rbee infer`."""
+    record, token = spawn_worker(hive, req, report)
     return remember(hive.host, record, token, ref)
 
 

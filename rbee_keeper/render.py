@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.markup import escape
@@ -114,3 +115,52 @@ def render_stopped_all(doc: Doc) -> None:
     for h in doc["hosts"]:
         if not h["ok"]:
             console(stderr=True).print(f"{h['name']}: {_error_line(h['error'])}")
+
+
+def render_queen(doc: Doc) -> None:
+    con = console()
+    if not doc["running"]:
+        con.print("queen: [dim]not running[/]" + (f" (stopped pid {doc['pid']})"
+                                                 if doc.get("pid") else ""))
+        return
+    con.print(f"queen: [green]running[/] on {escape(str(doc['url']))} (pid {doc['pid']}, "
+              f"since {doc.get('started_at')})")
+    s = doc.get("summary")
+    if s:
+        con.print(f"  hosts {s['hosts_up']}/{s['hosts']} up · workers {s['workers']} · "
+                  f"queued {s['queued']} · running {s['running']}")
+    if doc.get("log"):
+        con.print(f"[dim]log: {escape(doc['log'])}; token: `rbee queen token`[/]")
+
+
+def render_token_doc(doc: Doc) -> None:
+    console().print(doc["token"], markup=False)
+
+
+def render_job(doc: Doc) -> None:
+    con = console()
+    con.print(f"[bold]{escape(doc['id'])}[/] {doc['state']}  {escape(doc['model'])}"
+              + (f"  on {escape(str(doc['host']))} {escape(str(doc.get('worker') or ''))}"
+                 if doc.get("host") else "")
+              + (f"  (position {doc['position']})" if doc.get("position") else ""))
+    if doc.get("error"):
+        con.print(f"  {_error_line(doc['error'])}")
+    if doc.get("text"):
+        con.print(escape(doc["text"]))
+
+
+def render_jobs(doc: Doc) -> None:
+    con = console()
+    if not doc["tasks"]:
+        con.print("[dim]No jobs.[/]")
+        return
+    t = table("ID", "STATE", "MODEL", "HOST", "TOKENS", "CREATED")
+    for j in doc["tasks"]:
+        created = time.strftime("%H:%M:%S", time.localtime(j["created"]))
+        t.add_row(escape(j["id"]), j["state"], escape(j["model"]), escape(str(j.get("host") or "")),
+                  str(j.get("tokens") or 0), created)
+    con.print(t)
+
+
+def render_submitted(doc: Doc) -> None:
+    console().print(doc["id"], markup=False)

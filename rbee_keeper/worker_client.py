@@ -52,8 +52,9 @@ def _error_from(resp: http.client.HTTPResponse, url: str) -> RbeeError:
 
 
 def execute(url: str, token: str, body: dict[str, Any], on_text: Callable[[str], None],
-            connect_timeout: float = 5.0) -> Stream:
-    """POST /execute and feed the tokens to `on_text` as they arrive."""
+            connect_timeout: float = 5.0, on_open: Callable[[], None] | None = None) -> Stream:
+    """POST /execute and feed the tokens to `on_text` as they arrive; `on_open` runs once
+    the worker has accepted the job (200), before its first event."""
     out = Stream(job_id=str(body["job_id"]))
     t0 = time.perf_counter()
     conn = connect(url, connect_timeout)
@@ -72,6 +73,8 @@ def execute(url: str, token: str, body: dict[str, Any], on_text: Callable[[str],
             raise Busy(err.message, retry)
         if resp.status != 200:
             raise _error_from(resp, url)
+        if on_open is not None:
+            on_open()
         if conn.sock is not None:
             conn.sock.settimeout(READ_TIMEOUT)
         _read_events(resp, out, on_text, t0, url)

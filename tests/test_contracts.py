@@ -68,7 +68,7 @@ def pinned_hive() -> dict[str, Shape]:
                    ".backends[]": STATUS[".backends[]"], ".devices[]": STATUS[".devices[]"]},
         "catalog": {".": ["models", "schema"],
                     ".models[]": ["description", "downloaded", "id", "license", "name",
-                                  "sha256", "size", "source"]},
+                                  "sha256", "size", "source", "ttl"]},
         "models list": {".": ["models", "schema"], ".models[]": MODEL_RECORD,
                         ".models[].gguf": GGUF},
         "info": {".": sorted([*(k for k in MODEL_RECORD if k != "added_at"), "downloaded",
@@ -147,8 +147,8 @@ def test_rbee_documents_keep_their_keys(rbee_env: Env, tiny_model: Path) -> None
     got["error"] = shape(rbee_json("infer", "-m", "nope", "-p", "x", code=1))
 
     timings = ["stream_ms", "tokens_per_sec", "total_ms", "ttft_ms", "worker_ttft_ms"]
-    infer_top = ["host", "model", "placement", "prompt_tokens", "schema", "stop_reason", "text",
-                 "timings", "tokens", "worker"]
+    infer_top = ["host", "job_id", "model", "placement", "prompt_tokens", "schema",
+                 "stop_reason", "text", "timings", "tokens", "worker"]
     want: dict[str, Shape] = {
         "hosts list": {".": ["exists", "file", "hosts", "schema"],
                        ".hosts[]": ["address", "bind", "env_keys", "hive", "name", "ssh",

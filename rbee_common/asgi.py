@@ -1,0 +1,143 @@
+"""HTTP server plumbing every rbee server shares (the worker, the pool daemon, the queen):
+bearer auth, JSON bodies read into pydantic models, coded error responses, SSE framing.
+
+Imports starlette and pydantic: servers only, never a CLI hot path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from rbee_common.errors import InvalidRequest, RbeeError, Unauthorized
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class HTTPError(Exception):
+    """Raised inside a route: becomes `status` with the error's JSON envelope."""
+
+    def __init__(self, status: int, err: RbeeError, headers: dict[str, str] | None = None):
+        super().__init__(err.message)
+        self.status, self.err, self.headers = status, err, headers
+
+
+def error_response(err: RbeeError, status: int, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    return JSONResponse(err.envelope(), status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """A JSON object body: 413 when too large, 400 when not a JSON object."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, InvalidRequest(f"the body is {declared} bytes; the limit is {limit}",
+                                            hint="Send a shorter prompt."))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPError(413, InvalidRequest(f"the body exceeds {limit} bytes",
+                                                hint="Send a shorter prompt."))
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, RecursionError) as e:
+        raise HTTPError(400, InvalidRequest(f"the body is not JSON: {e}", field="body")) from e
+    if not isinstance(data, dict):
+        raise HTTPError(400, InvalidRequest("the body must be a JSON object", field="body"))
+    return data
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], hint: str = "") -> Any:
+    """`data` as `model`; 400 naming the first field at fault."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise HTTPError(400, InvalidRequest(f"{where}: {first['msg']}", field=where,
+                                            hint=hint)) from e
+
+
+async def read_model(request: Request, model: type[BaseModel], limit: int = MAX_BODY_BYTES,
+                     hint: str = "") -> Any:
+    """Read a JSON body into `model` (413 too large, 400 naming the field at fault)."""
+    return validate(model, await read_body(request, limit), hint)
+
+
+def sse(event: str | None, data: Any, event_id: int | None = None) -> dict[str, Any]:
+    """One server-sent event; `data` is JSON-encoded unless it is a string already."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    out: dict[str, Any] = {"data": payload}
+    if event:
+        out["event"] = event
+    if event_id is not None:
+        out["id"] = str(event_id)
+    return out
+
+
+def event_stream(items: AsyncIterator[dict[str, Any]]) -> Response:
+    """A text/event-stream response that sends `items` as they come."""
+    from sse_starlette import EventSourceResponse
+
+    return EventSourceResponse(items, ping=15, headers={"Cache-Control": "no-store",
+                                                        "X-Accel-Buffering": "no"})
+
+
+def presented_token(scope: Scope, cookie: str | None = None) -> bytes:
+    """The bearer token of a request: its Authorization header, else (for a browser) the
+    named cookie."""
+    header = b""
+    cookies = b""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            header = value
+        elif name == b"cookie":
+            cookies = value
+    scheme, _, presented = header.partition(b" ")
+    if scheme.lower() == b"bearer":
+        return presented.strip()
+    if cookie and cookies:
+        for part in cookies.split(b";"):
+            key, _, value = part.strip().partition(b"=")
+            if key == cookie.encode():
+                return value.strip()
+    return b""
+
+
+class BearerAuth:
+    """Every route but the open ones needs the bearer token, compared in constant time."""
+
+    def __init__(self, app: ASGIApp, token: str, on_reject: Callable[[str], None] | None = None,
+                 open_paths: frozenset[str] = frozenset({"/health"}),
+                 cookie: str | None = None,
+                 reject: Callable[[Scope, str], Response] | None = None) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.on_reject = on_reject
+        self.open_paths = open_paths
+        self.cookie = cookie
+        self.reject = reject
+
+    def allowed(self, scope: Scope) -> bool:
+        presented = presented_token(scope, self.cookie)
+        return bool(presented) and hmac.compare_digest(presented, self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or self.allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.on_reject is not None:
+            self.on_reject(scope["path"])
+        has = any(name == b"authorization" for name, _ in scope["headers"])
+        reason = "wrong bearer token" if has else "missing bearer token"
+        response = (self.reject(scope, reason) if self.reject is not None else
+                    error_response(Unauthorized(reason), 401, {"WWW-Authenticate": "Bearer"}))
+        await response(scope, receive, send)

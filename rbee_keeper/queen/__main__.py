@@ -1,0 +1,3 @@
+from rbee_keeper.queen.serve import main
+
+main()
