@@ -61,8 +61,8 @@ def info(ref: Annotated[str, typer.Argument(help="Catalog id, hf:â€¦, https://â€
     from rbee_common.fit import default_ctx
     from rbee_common.ggufmeta import read_gguf_file
     from rbee_hive.render import render_model
+    from rbee_hive.spawn import model_estimate
     from rbee_hive.store import ModelStore
-    from rbee_hive.workers import model_estimate
 
     spec, record = ModelStore().resolve(ref)
     doc: dict = {"schema": schemas.MODEL, "id": spec.id, "name": spec.name,

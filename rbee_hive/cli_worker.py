@@ -44,7 +44,7 @@ def spawn(
       rbee-hive worker spawn cuda --model tinyllama --device 1 --ctx 8192
     """
     from rbee_hive.render import render_worker
-    from rbee_hive.workers import spawn as spawn_worker
+    from rbee_hive.spawn import spawn as spawn_worker
 
     token = None
     if token_stdin:
@@ -94,7 +94,7 @@ def logs(wid: IdArg,
 
     Example: rbee-hive worker logs cpu0-1a2b3c --follow
     """
-    from rbee_hive.workers import follow_log
+    from rbee_hive.worker_logs import follow_log
 
     stream = follow_log(wid, lines, follow)
     if fmt is Format.text:
