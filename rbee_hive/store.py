@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rbee_common.errors import ModelNotFound, UsageError
+from rbee_common.errors import ModelNotFound
 from rbee_common.files import atomic_write_json, locked, read_json
 from rbee_common.ggufmeta import GgufInfo, read_gguf_file
-from rbee_common.models import ID_RE, ModelSpec
+from rbee_common.models import ID_RE, ModelSpec, check_id
 from rbee_common.paths import rbee_home
 from rbee_common.progress import Reporter, null_reporter
 from rbee_hive.errors import ChecksumMismatch, ModelInUse
@@ -154,10 +154,7 @@ class ModelStore:
 
         source = FileSource(str(src))
         catalog = load_catalog()
-        mid = model_id or derive_id(source)
-        if not ID_RE.match(mid):
-            raise UsageError(f"{mid!r} is not a valid model id",
-                             hint="Use lower-case letters, digits, '.', '_' and '-'.")
+        mid = check_id(model_id or derive_id(source))
         entry = catalog.get(mid)
         info = read_gguf_file(src)  # NOT_A_GGUF before any copying
         digest = sha256_file(src, report, message=f"Hashing {src.name}")

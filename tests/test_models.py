@@ -256,3 +256,19 @@ def test_invalid_model_refs_are_rejected_before_anything_runs(rbee_env: Env, ref
     assert error_of(r)["code"] == "INVALID_MODEL_REF"
     assert not (rbee_env.rbee_home / "downloads").exists()
     assert not Path("/tmp/pwned").exists()
+
+
+@pytest.mark.parametrize("bad_id", ["../../x", "../x", "a/b", "X", ".x", "x\n"])
+def test_download_id_must_follow_the_id_rule_and_nothing_is_written(
+        hub: HubServer, rbee_env: Env, tiny_bytes: bytes, bad_id: str) -> None:
+    hub.add_file("tiny.gguf", tiny_bytes)
+    before = sorted(rbee_env.root.rglob("*"))
+    r = run("rbee-hive", "models", "download", f"{hub.url}/files/tiny.gguf", "--id", bad_id,
+            "--format", "json")
+    assert r.returncode == 2, r
+    err = error_of(r)
+    assert err["code"] == "USAGE" and repr(bad_id) in err["message"]
+    assert "lower-case letters, digits" in err["message"]  # the rule, in words
+    assert sorted(rbee_env.root.rglob("*")) == before  # x.gguf, x.part, a lock: nothing
+    assert hub.gets() == []
+
