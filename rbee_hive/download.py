@@ -58,7 +58,8 @@ def fetch(spec: ModelSpec, store: ModelStore, report: Reporter = null_reporter,
     """Make `spec` present on this host; return its record plus what this run transferred."""
     check_id(spec.id)  # before any path is built from it
     if isinstance(spec.source, FileSource):
-        record = store.import_file(Path(spec.source.path), spec.id, copy=False, report=report)
+        record = store.import_file(Path(spec.source.path), spec.id, copy=False, report=report,
+                                   sha256=spec.sha256)
         return {**record, "transferred_bytes": 0, "resumed_from": 0, "already_present": False}
     present = _present(spec, store)
     if present is not None:

@@ -272,3 +272,26 @@ def test_download_id_must_follow_the_id_rule_and_nothing_is_written(
     assert sorted(rbee_env.root.rglob("*")) == before  # x.gguf, x.part, a lock: nothing
     assert hub.gets() == []
 
+
+def test_sha256_is_checked_for_file_sources(rbee_env: Env, tiny_model: Path) -> None:
+    actual = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    r = run("rbee-hive", "models", "download", f"file:{tiny_model}", "--sha256", "0" * 64,
+            "--format", "json")
+    assert r.returncode == 1, r
+    err = error_of(r)
+    assert err["code"] == "CHECKSUM_MISMATCH"
+    assert (err["details"]["expected"], err["details"]["actual"]) == ("0" * 64, actual)
+    assert run("rbee-hive", "models", "list", "--format", "json").json()["models"] == []
+    assert not list((rbee_env.rbee_home / "models").glob("*.gguf"))
+
+    # a catalog entry's sha256 holds too when it is fetched under another --id
+    write_user_catalog(rbee_env, f'[[models]]\nid = "mine"\nname = "Mine"\n'
+                                 f'source = "file:{tiny_model}"\nsha256 = "{"1" * 64}"\n')
+    r = run("rbee-hive", "models", "download", "mine", "--id", "other", "--format", "json")
+    assert r.returncode == 1 and error_of(r)["code"] == "CHECKSUM_MISMATCH", r
+    assert run("rbee-hive", "models", "list", "--format", "json").json()["models"] == []
+
+    ok = run("rbee-hive", "models", "download", f"file:{tiny_model}", "--sha256", actual,
+             "--format", "json")
+    assert ok.returncode == 0, ok
+    assert ok.json()["sha256"] == actual
