@@ -19,7 +19,7 @@ from rbee_hive import schemas
 from rbee_hive.devices import backend_reason, detect, find_device
 from rbee_hive.errors import InsufficientRam, InsufficientVram, LoadingTimeout, WorkerCrashed
 from rbee_hive.ports import pick_port
-from rbee_hive.process import http_health, pid_alive, terminate
+from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
 from rbee_hive.registry import Registry
 from rbee_hive.store import ModelStore
 from rbee_hive.worker_logs import error_from_log, log_tail
@@ -152,7 +152,7 @@ def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, tim
                     "message": f"{wid} ready on {record['url']} in {took:.1f}s"})
             return reg.update(wid, state=schemas.READY, ready_s=round(took, 3))
         if time.monotonic() - started > timeout:
-            terminate(record["pid"], wid, grace=5.0)
+            terminate(record["pid"], wid, grace=5.0, cuda_devices=cuda_devices_of(record))
             tail = log_tail(reg.log_path(wid))
             reg.update(wid, state=schemas.ERROR, message=f"not ready after {timeout:.0f}s")
             raise LoadingTimeout(f"worker {wid} was not ready after {timeout:.0f}s; stopped it",

@@ -11,7 +11,7 @@ from typing import Any
 
 from rbee_hive import schemas
 from rbee_hive.errors import WorkerCrashed, WorkerNotFound
-from rbee_hive.process import http_health, pid_alive, terminate
+from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
 from rbee_hive.registry import Registry
 from rbee_hive.worker_logs import error_from_log, log_tail
 
@@ -75,7 +75,7 @@ def stop(wid: str, grace: float = 10.0) -> dict[str, Any]:
     """End the worker's process (SIGTERM, then SIGKILL after `grace`) and remove its files."""
     reg = Registry()
     record = reg.get(wid)
-    used = terminate(record["pid"], wid, grace)
+    used = terminate(record["pid"], wid, grace, cuda_devices_of(record))
     with reg.lock():
         reg.remove(wid)
     return {"schema": schemas.STOPPED, "id": wid, "was": record["state"], "signal": used,
