@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from rbee_common.errors import InvalidModelRef
+from rbee_common.errors import InvalidModelRef, UsageError
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}"
@@ -22,6 +22,7 @@ HF_RE = re.compile(
     rf"/(?P<path>(?:{_SEGMENT}/)*{_SEGMENT}\.gguf)$"
 )
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ID_RULE = "1 to 64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -115,6 +116,19 @@ def parse_source(ref: str) -> Source:
             raise InvalidModelRef(f"{ref!r}: '..' is not allowed in a model address")
         return UrlSource(ref)
     raise InvalidModelRef(f"{ref!r} is not a model reference")
+
+
+def check_id(model_id: str) -> str:
+    """`model_id` if it follows ID_RE; a USAGE error naming the rule if not.
+
+    An id becomes a file name (models/<id>.gguf, downloads/<id>.part): this is what keeps an
+    id given on the command line (or over HTTP) from writing anywhere else.
+    """
+    if not ID_RE.fullmatch(model_id):  # fullmatch: `$` alone would let a trailing newline in
+        raise UsageError(f"{model_id!r} is not a valid model id: an id is {ID_RULE}",
+                         hint="Choose another --id, e.g. --id my-model-q4.",
+                         pattern=ID_RE.pattern)
+    return model_id
 
 
 def derive_id(source: Source) -> str:

@@ -8,7 +8,6 @@ import typer
 
 from rbee_common.clikit import FormatOpt, VersionOpt, root_app
 from rbee_common.output import Format, emit, run_app
-from rbee_hive import schemas
 from rbee_hive.cli_models import app as models_app
 from rbee_hive.cli_worker import app as worker_app
 
@@ -53,10 +52,10 @@ def detect(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive detect --format json
     """
-    from rbee_hive.devices import detect as inventory
+    from rbee_hive import documents
     from rbee_hive.render import render_detect
 
-    emit({"schema": schemas.DETECT, **inventory()}, fmt, render_detect)
+    emit(documents.detect(), fmt, render_detect)
 
 
 @git_app.command("status")

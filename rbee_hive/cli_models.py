@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from rbee_common.clikit import FormatOpt, reporting
-from rbee_common.errors import UsageError
 from rbee_common.output import Format, emit
-from rbee_hive import schemas
 
 app = typer.Typer(help="The model catalog and the models on this host.", no_args_is_help=True)
 
@@ -25,17 +21,10 @@ def catalog(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive models catalog
     """
-    from rbee_common.catalog import load_catalog
+    from rbee_hive import documents
     from rbee_hive.render import render_catalog
-    from rbee_hive.store import ModelStore
 
-    store = ModelStore()
-    models = []
-    for entry in load_catalog().values():
-        record = store.get(entry.id)
-        models.append({**entry.model_dump(), "downloaded": bool(
-            record and record["source"] == entry.source and Path(record["path"]).is_file())})
-    emit({"schema": schemas.CATALOG, "models": models}, fmt, render_catalog)
+    emit(documents.catalog(), fmt, render_catalog)
 
 
 @app.command("list")
@@ -44,10 +33,10 @@ def list_(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive models list --format json
     """
+    from rbee_hive import documents
     from rbee_hive.render import render_models
-    from rbee_hive.store import ModelStore
 
-    emit({"schema": schemas.MODELS, "models": ModelStore().list()}, fmt, render_models)
+    emit(documents.models(), fmt, render_models)
 
 
 @app.command()
@@ -58,27 +47,10 @@ def info(ref: Annotated[str, typer.Argument(help="Catalog id, hf:…, https://�
 
     Example: rbee-hive models info tinyllama --ctx 8192
     """
-    from rbee_common.fit import default_ctx
-    from rbee_common.ggufmeta import read_gguf_file
+    from rbee_hive import documents
     from rbee_hive.render import render_model
-    from rbee_hive.store import ModelStore
-    from rbee_hive.workers import model_estimate
 
-    spec, record = ModelStore().resolve(ref)
-    doc: dict = {"schema": schemas.MODEL, "id": spec.id, "name": spec.name,
-                 "source": str(spec.source), "downloaded": record is not None,
-                 "size": spec.size, "sha256": spec.sha256}
-    if record is None and spec.source.kind == "file" and Path(spec.source.path).is_file():
-        from rbee_hive.store import model_record
-
-        path = Path(spec.source.path)
-        record = model_record(spec.id, spec.name, str(spec.source), path, "", read_gguf_file(path))
-        record.pop("sha256")
-    if record is not None:
-        doc.update({k: v for k, v in record.items() if k != "added_at"})
-        ctx = ctx or default_ctx(record["gguf"].get("context_length"))
-        doc["estimate"] = model_estimate(record, ctx).to_dict()
-    emit(doc, fmt, render_model)
+    emit(documents.model_info(ref, ctx), fmt, render_model)
 
 
 @app.command()
@@ -95,19 +67,12 @@ def download(ref: Annotated[str, typer.Argument(help="Catalog id, hf:…, https:
       rbee-hive models download tinyllama
       rbee-hive models download hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf
     """
-    from rbee_hive.download import fetch, with_id
+    from rbee_hive import documents
     from rbee_hive.render import render_model
-    from rbee_hive.store import ModelStore
 
-    store = ModelStore()
-    spec, _ = store.resolve(ref)
-    if sha256 is not None:
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise UsageError("--sha256 takes 64 lower-case hex digits")
-        spec = dataclasses.replace(spec, sha256=sha256)
     with reporting(fmt) as report:
-        record = fetch(with_id(spec, model_id), store, report, retries)
-    emit({"schema": schemas.MODEL, **record}, fmt, render_model)
+        doc = documents.download(ref, model_id, sha256, retries, report)
+    emit(doc, fmt, render_model)
 
 
 @app.command("import")
@@ -120,12 +85,12 @@ def import_(path: Annotated[Path, typer.Argument(help="A GGUF file already on th
 
     Example: rbee-hive models import ~/Downloads/gemma-3-270m-q4_k_m.gguf --id gemma3-270m
     """
+    from rbee_hive import documents
     from rbee_hive.render import render_model
-    from rbee_hive.store import ModelStore
 
     with reporting(fmt) as report:
-        record = ModelStore().import_file(path, model_id, copy, report)
-    emit({"schema": schemas.MODEL, **record}, fmt, render_model)
+        doc = documents.import_model(path, model_id, copy, report)
+    emit(doc, fmt, render_model)
 
 
 @app.command()
@@ -135,12 +100,12 @@ def verify(model_id: Annotated[str, typer.Argument(metavar="ID")],
 
     Example: rbee-hive models verify tinyllama
     """
+    from rbee_hive import documents
     from rbee_hive.render import render_verify
-    from rbee_hive.store import ModelStore
 
     with reporting(fmt) as report:
-        result = ModelStore().verify(model_id, report)
-    emit({"schema": schemas.VERIFY, **result}, fmt, render_verify)
+        doc = documents.verify(model_id, report)
+    emit(doc, fmt, render_verify)
 
 
 @app.command()
@@ -151,9 +116,7 @@ def rm(model_id: Annotated[str, typer.Argument(metavar="ID")],
 
     Example: rbee-hive models rm tinyllama
     """
+    from rbee_hive import documents
     from rbee_hive.render import render_removed
-    from rbee_hive.store import ModelStore
-    from rbee_hive.workers import users_of
 
-    result = ModelStore().remove(model_id, users_of(model_id), force)
-    emit({"schema": schemas.REMOVED, **result}, fmt, render_removed)
+    emit(documents.remove(model_id, force), fmt, render_removed)

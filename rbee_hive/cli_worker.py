@@ -11,7 +11,6 @@ from rbee_common.clikit import FormatOpt, reporting
 from rbee_common.errors import UsageError
 from rbee_common.names import Backend
 from rbee_common.output import Format, emit, write_json
-from rbee_hive import schemas
 
 app = typer.Typer(help="Start, list, watch and stop workers on this host.", no_args_is_help=True)
 
@@ -44,7 +43,7 @@ def spawn(
       rbee-hive worker spawn cuda --model tinyllama --device 1 --ctx 8192
     """
     from rbee_hive.render import render_worker
-    from rbee_hive.workers import spawn as spawn_worker
+    from rbee_hive.spawn import spawn as spawn_worker
 
     token = None
     if token_stdin:
@@ -66,10 +65,10 @@ def list_(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive worker list --format json
     """
+    from rbee_hive import documents
     from rbee_hive.render import render_workers
-    from rbee_hive.workers import list_workers
 
-    emit({"schema": schemas.WORKERS, "workers": list_workers()}, fmt, render_workers)
+    emit(documents.workers(), fmt, render_workers)
 
 
 @app.command()
@@ -78,10 +77,10 @@ def health(wid: IdArg, fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive worker health cpu0-1a2b3c
     """
+    from rbee_hive import documents
     from rbee_hive.render import render_health
-    from rbee_hive.workers import health as worker_health
 
-    emit({**worker_health(wid), "schema": schemas.WORKER_HEALTH}, fmt, render_health)
+    emit(documents.worker_health(wid), fmt, render_health)
 
 
 @app.command()
@@ -94,20 +93,20 @@ def logs(wid: IdArg,
 
     Example: rbee-hive worker logs cpu0-1a2b3c --follow
     """
-    from rbee_hive.workers import follow_log
+    from rbee_hive.worker_logs import follow_log
 
-    stream = follow_log(wid, lines, follow)
     if fmt is Format.text:
-        for line in stream:
+        for line in follow_log(wid, lines, follow):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
     elif follow:
-        for line in stream:
+        for line in follow_log(wid, lines, follow):
             write_json({"event": "line", "line": line})
     else:
+        from rbee_hive import documents
         from rbee_hive.render import render_logs
 
-        emit({"schema": schemas.LOGS, "id": wid, "lines": list(stream)}, fmt, render_logs)
+        emit(documents.worker_logs(wid, lines), fmt, render_logs)
 
 
 @app.command()
@@ -123,15 +122,15 @@ def stop(wid: Annotated[str | None, typer.Argument(metavar="[ID]", help="Worker 
       rbee-hive worker stop cpu0-1a2b3c
       rbee-hive worker stop --all
     """
+    from rbee_hive import documents
     from rbee_hive.render import render_stopped
     from rbee_hive.workers import stop as stop_worker
-    from rbee_hive.workers import stop_all
 
     if all_ == (wid is not None):
         raise UsageError("give a worker ID or --all (not both)",
                          hint="Run `rbee-hive worker list` to see the ids.")
     if all_:
-        emit({"schema": schemas.STOPPED, "stopped": stop_all(timeout)}, fmt, render_stopped)
+        emit(documents.stop_all(timeout), fmt, render_stopped)
     else:
         assert wid is not None
         emit(stop_worker(wid, timeout), fmt, render_stopped)
@@ -143,7 +142,7 @@ def token(wid: IdArg, fmt: FormatOpt = Format.text) -> None:
 
     Example: curl -H "Authorization: Bearer $(rbee-hive worker token ID)" URL/v1/models
     """
+    from rbee_hive import documents
     from rbee_hive.render import render_token
-    from rbee_hive.workers import token as worker_token
 
-    emit({"schema": schemas.TOKEN, "id": wid, "token": worker_token(wid)}, fmt, render_token)
+    emit(documents.worker_token(wid), fmt, render_token)

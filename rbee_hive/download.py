@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from rbee_common.errors import Interrupted, ModelNotFound
 from rbee_common.files import atomic_write_json, read_json
 from rbee_common.ggufmeta import NotAGguf, read_gguf_file
-from rbee_common.models import FileSource, HfSource, ModelSpec, UrlSource
+from rbee_common.models import FileSource, HfSource, ModelSpec, UrlSource, check_id
 from rbee_common.progress import Reporter, null_reporter
 from rbee_hive.errors import ChecksumMismatch, DownloadFailed
 from rbee_hive.store import HASH_CHUNK, ModelStore, downloads_dir
@@ -56,8 +56,10 @@ def default_retries() -> int:
 def fetch(spec: ModelSpec, store: ModelStore, report: Reporter = null_reporter,
           retries: int | None = None) -> dict[str, Any]:
     """Make `spec` present on this host; return its record plus what this run transferred."""
+    check_id(spec.id)  # before any path is built from it
     if isinstance(spec.source, FileSource):
-        record = store.import_file(Path(spec.source.path), spec.id, copy=False, report=report)
+        record = store.import_file(Path(spec.source.path), spec.id, copy=False, report=report,
+                                   sha256=spec.sha256)
         return {**record, "transferred_bytes": 0, "resumed_from": 0, "already_present": False}
     present = _present(spec, store)
     if present is not None:
@@ -311,4 +313,5 @@ def _verify(spec: ModelSpec, remote: Remote, part: Path, size: int, digest: str)
 
 
 def with_id(spec: ModelSpec, model_id: str | None) -> ModelSpec:
-    return replace(spec, id=model_id) if model_id else spec
+    """`spec` stored under `model_id` (checked against the id rule) when one is given."""
+    return replace(spec, id=check_id(model_id)) if model_id else spec

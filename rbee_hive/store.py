@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rbee_common.errors import ModelNotFound, UsageError
+from rbee_common.errors import ModelNotFound
 from rbee_common.files import atomic_write_json, locked, read_json
 from rbee_common.ggufmeta import GgufInfo, read_gguf_file
-from rbee_common.models import ID_RE, ModelSpec
+from rbee_common.models import ID_RE, ModelSpec, check_id
 from rbee_common.paths import rbee_home
 from rbee_common.progress import Reporter, null_reporter
 from rbee_hive.errors import ChecksumMismatch, ModelInUse
@@ -143,8 +143,13 @@ class ModelStore:
                                           info, revision))
 
     def import_file(self, path: Path, model_id: str | None, copy: bool,
-                    report: Reporter = null_reporter) -> dict[str, Any]:
-        """Register a GGUF the user already has: verified, then hard-linked (or copied)."""
+                    report: Reporter = null_reporter, sha256: str | None = None
+                    ) -> dict[str, Any]:
+        """Register a GGUF the user already has: verified, then hard-linked (or copied).
+
+        `sha256`, when given (a --sha256, or the catalog entry a download resolved), is the
+        hash the file must have; otherwise a catalog entry of the same id supplies it.
+        """
         from rbee_common.models import FileSource, derive_id
 
         src = path.expanduser().resolve()
@@ -154,14 +159,15 @@ class ModelStore:
 
         source = FileSource(str(src))
         catalog = load_catalog()
-        mid = model_id or derive_id(source)
-        if not ID_RE.match(mid):
-            raise UsageError(f"{mid!r} is not a valid model id",
-                             hint="Use lower-case letters, digits, '.', '_' and '-'.")
+        mid = check_id(model_id or derive_id(source))
         entry = catalog.get(mid)
         info = read_gguf_file(src)  # NOT_A_GGUF before any copying
         digest = sha256_file(src, report, message=f"Hashing {src.name}")
-        if entry is not None and entry.sha256 and entry.sha256 != digest:
+        if sha256 is not None and sha256 != digest:
+            raise ChecksumMismatch(
+                f"{src.name}: sha256 {digest[:16]}… is not the expected {sha256[:16]}…; "
+                "nothing was registered", expected=sha256, actual=digest)
+        if sha256 is None and entry is not None and entry.sha256 and entry.sha256 != digest:
             raise ChecksumMismatch(
                 f"{src.name} does not match catalog entry {mid!r}: sha256 {digest[:12]}…, "
                 f"expected {entry.sha256[:12]}…", expected=entry.sha256, actual=digest,

@@ -53,3 +53,16 @@ def test_cuda_placement_prefers_the_gpu(cuda: dict, tiny_registered: str) -> Non
             "--format", "json")
     assert r.returncode == 0, r
     assert r.json()["worker"]["backend"] == "cuda"
+
+
+def test_cuda_worker_stop_returns_once_its_vram_is_released(cuda: dict,
+                                                           tiny_registered: str) -> None:
+    from worker.engine import cuda_memory_of
+
+    r = run("rbee-hive", "worker", "spawn", "cuda", "--model", "tiny", "--format", "json")
+    assert r.returncode == 0, r
+    rec = r.json()
+    assert cuda_memory_of(rec["pid"], rec["device"]) > 0
+    assert run("rbee-hive", "worker", "stop", rec["id"]).returncode == 0
+    # no pause here: `stop` itself waits for the driver to free the worker's memory
+    assert cuda_memory_of(rec["pid"], rec["device"]) == 0

@@ -256,3 +256,42 @@ def test_invalid_model_refs_are_rejected_before_anything_runs(rbee_env: Env, ref
     assert error_of(r)["code"] == "INVALID_MODEL_REF"
     assert not (rbee_env.rbee_home / "downloads").exists()
     assert not Path("/tmp/pwned").exists()
+
+
+@pytest.mark.parametrize("bad_id", ["../../x", "../x", "a/b", "X", ".x", "x\n"])
+def test_download_id_must_follow_the_id_rule_and_nothing_is_written(
+        hub: HubServer, rbee_env: Env, tiny_bytes: bytes, bad_id: str) -> None:
+    hub.add_file("tiny.gguf", tiny_bytes)
+    before = sorted(rbee_env.root.rglob("*"))
+    r = run("rbee-hive", "models", "download", f"{hub.url}/files/tiny.gguf", "--id", bad_id,
+            "--format", "json")
+    assert r.returncode == 2, r
+    err = error_of(r)
+    assert err["code"] == "USAGE" and repr(bad_id) in err["message"]
+    assert "lower-case letters, digits" in err["message"]  # the rule, in words
+    assert sorted(rbee_env.root.rglob("*")) == before  # x.gguf, x.part, a lock: nothing
+    assert hub.gets() == []
+
+
+def test_sha256_is_checked_for_file_sources(rbee_env: Env, tiny_model: Path) -> None:
+    actual = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    r = run("rbee-hive", "models", "download", f"file:{tiny_model}", "--sha256", "0" * 64,
+            "--format", "json")
+    assert r.returncode == 1, r
+    err = error_of(r)
+    assert err["code"] == "CHECKSUM_MISMATCH"
+    assert (err["details"]["expected"], err["details"]["actual"]) == ("0" * 64, actual)
+    assert run("rbee-hive", "models", "list", "--format", "json").json()["models"] == []
+    assert not list((rbee_env.rbee_home / "models").glob("*.gguf"))
+
+    # a catalog entry's sha256 holds too when it is fetched under another --id
+    write_user_catalog(rbee_env, f'[[models]]\nid = "mine"\nname = "Mine"\n'
+                                 f'source = "file:{tiny_model}"\nsha256 = "{"1" * 64}"\n')
+    r = run("rbee-hive", "models", "download", "mine", "--id", "other", "--format", "json")
+    assert r.returncode == 1 and error_of(r)["code"] == "CHECKSUM_MISMATCH", r
+    assert run("rbee-hive", "models", "list", "--format", "json").json()["models"] == []
+
+    ok = run("rbee-hive", "models", "download", f"file:{tiny_model}", "--sha256", actual,
+             "--format", "json")
+    assert ok.returncode == 0, ok
+    assert ok.json()["sha256"] == actual

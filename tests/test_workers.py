@@ -224,3 +224,12 @@ def test_status_does_not_import_heavy_libraries(tiny_registered: str) -> None:
             "'huggingface_hub', 'pydantic', 'gguf', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.replace("'", '"')) == []
+
+
+def test_waiting_for_vram_release_returns_at_once_for_a_process_without_any() -> None:
+    from rbee_hive.process import wait_vram_released
+
+    # without NVML (or for a process that holds no VRAM) stopping must not pay the timeout
+    started = time.monotonic()
+    assert wait_vram_released(os.getpid(), [0], timeout=5.0) is True
+    assert time.monotonic() - started < 1.0

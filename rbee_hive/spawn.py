@@ -1,0 +1,160 @@
+"""Starting a worker: the admission check (rbee_common.fit), the process, waiting until ready."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import socket
+import subprocess
+import time
+from typing import Any
+
+from rbee_common.estimate import Estimate, estimate, max_ctx_that_fits
+from rbee_common.files import atomic_write_bytes
+from rbee_common.fit import Room, default_ctx, fit, room_of
+from rbee_common.progress import Reporter, null_reporter
+from rbee_hive import schemas
+from rbee_hive.devices import backend_reason, detect, find_device
+from rbee_hive.errors import InsufficientRam, InsufficientVram, LoadingTimeout, WorkerCrashed
+from rbee_hive.ports import pick_port
+from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
+from rbee_hive.registry import Registry
+from rbee_hive.store import ModelStore
+from rbee_hive.worker_logs import error_from_log, log_tail
+from worker.errors import BackendUnavailable
+from worker.launch import worker_argv, worker_env
+
+log = logging.getLogger("rbee.hive.spawn")
+
+
+def load_timeout() -> float:
+    return float(os.environ.get("RBEE_LOAD_TIMEOUT", "120"))
+
+
+def model_estimate(model: dict[str, Any], ctx: int) -> Estimate:
+    """The memory a registered model needs at context size `ctx` (weights + KV + overhead)."""
+    g = model["gguf"]
+    return estimate(model["size"], g["data_offset"], g.get("kv_per_token"), ctx)
+
+
+def _check_memory(model: dict[str, Any], est: Estimate, room: Room,
+                 inventory: dict[str, Any], live: list[dict[str, Any]]) -> None:
+    """The fit rule (rbee_common.fit) as admission: refuse with figures and what would fit."""
+    verdict = fit(est, [room])
+    if verdict.ok:
+        return
+    available = room.available or 0
+    g = model["gguf"]
+    suggestions = []
+    fits_ctx = max_ctx_that_fits(model["size"], g["data_offset"], g.get("kv_per_token"),
+                                 available)
+    fits_ctx = min(fits_ctx, g.get("context_length") or fits_ctx)
+    if 256 <= fits_ctx < est.ctx:
+        suggestions.append(f"--ctx {fits_ctx // 256 * 256}")
+    for d in inventory["devices"]:
+        if (d["backend"], d["index"]) == (room.backend, room.index) \
+                or backend_reason(inventory, d["backend"]) is not None:
+            continue
+        if fit(est, [room_of(d, live, room.reserve)]).ok:
+            suggestions.append(f"{d['backend']} --device {d['index']}")
+    suggestions.append("a smaller model or quantisation")
+    cls = InsufficientVram if verdict.gpu else InsufficientRam
+    what = "VRAM" if verdict.gpu else "RAM"
+    raise cls(
+        f"{model['id']} at ctx {est.ctx} needs {verdict.needs()} of {what}; "
+        f"{room.describe()}",
+        hint="Try " + "; or ".join(suggestions) + ".",
+        required_bytes=est.total_bytes, available_bytes=available, suggestions=suggestions,
+    )
+
+
+def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = None,
+          ctx: int | None = None, bind: str | None = None, wait: bool = True,
+          timeout: float | None = None, token: str | None = None, threads: int | None = None,
+          report: Reporter = null_reporter) -> dict[str, Any]:
+    """Check, start and (unless wait=False) wait for a worker; return its record."""
+    model = ModelStore().require(model_ref)
+    inventory = detect()
+    reason = backend_reason(inventory, backend)
+    if reason is not None:
+        hint = None if "built without" in reason else (
+            "See `rbee-hive detect`; choose a backend it lists as available.")
+        raise BackendUnavailable(f"backend {backend!r} is not available on this host: {reason}",
+                                 hint=hint)
+    dev = find_device(inventory, backend, device)
+    if dev is None:
+        have = ", ".join(f"{d['backend']}:{d['index']}" for d in inventory["devices"])
+        raise BackendUnavailable(f"there is no {backend} device {device} on this host",
+                                 hint=f"Devices here: {have}.")
+    ctx = ctx or default_ctx(model["gguf"].get("context_length"))
+    est = model_estimate(model, ctx)
+    bind = bind or os.environ.get("RBEE_WORKER_BIND") or "127.0.0.1"
+    token = token or secrets.token_urlsafe(32)
+    reg = Registry()
+    reg.dir.mkdir(parents=True, exist_ok=True)
+    with reg.lock():
+        live = [r for r in reg.all()
+                if r["state"] in schemas.LIVE_STATES and pid_alive(r["pid"], r["id"])]
+        _check_memory(model, est, room_of(dev, live), inventory, live)
+        port = pick_port(port, bind, {r["port"] for r in live})
+        wid = f"{backend}{device}-{secrets.token_hex(3)}"
+        atomic_write_bytes(reg.token_path(wid), token.encode(), mode=0o600)
+        argv = worker_argv(model_path=model["path"], backend=backend, device=device, port=port,
+                           host=bind, worker_id=wid, ctx=ctx, model_id=model["id"],
+                           threads=threads)
+        log.debug("spawning %s", shlex.join(argv))
+        with open(reg.log_path(wid), "ab") as logf:
+            proc = subprocess.Popen(argv, env=worker_env(token, backend, device),
+                                    stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    close_fds=True, cwd=str(reg.dir))
+        url_host = socket.gethostname() if bind in ("0.0.0.0", "::") else bind
+        record = {
+            "schema": schemas.WORKER, "id": wid, "pid": proc.pid, "port": port, "host": bind,
+            "url": f"http://{url_host}:{port}" if ":" not in url_host
+            else f"http://[{url_host}]:{port}",
+            "backend": backend, "device": device, "model": model["id"],
+            "model_path": model["path"], "ctx": ctx, "estimate_bytes": est.total_bytes,
+            "state": schemas.LOADING, "message": None,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "log": str(reg.log_path(wid)),
+        }
+        reg.save(record)
+    if not wait:
+        return record
+    return wait_ready(record, proc, timeout or load_timeout(), report)
+
+
+def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, timeout: float,
+               report: Reporter = null_reporter) -> dict[str, Any]:
+    """Poll the new worker's process and /health until it is ready, fails, or times out."""
+    reg = Registry()
+    wid = record["id"]
+    phase = "load"
+    report({"event": "phase", "phase": phase, "total": None,
+            "message": f"Loading {record['model']} on {record['backend']}:{record['device']}"})
+    started = time.monotonic()
+    while True:
+        code = proc.poll() if proc is not None else (
+            None if pid_alive(record["pid"], wid) else -1)
+        if code is not None:
+            err = error_from_log(reg.log_path(wid)) or WorkerCrashed(
+                f"worker {wid} exited with status {code} while loading",
+                log_tail=log_tail(reg.log_path(wid)))
+            reg.update(wid, state=schemas.ERROR, message=err.message, exit_code=code)
+            raise err
+        health = http_health(record["host"], record["port"], timeout=1.0)
+        if health is not None and health.get("status") in (schemas.READY, schemas.BUSY):
+            took = time.monotonic() - started
+            report({"event": "done", "phase": phase,
+                    "message": f"{wid} ready on {record['url']} in {took:.1f}s"})
+            return reg.update(wid, state=schemas.READY, ready_s=round(took, 3))
+        if time.monotonic() - started > timeout:
+            terminate(record["pid"], wid, grace=5.0, cuda_devices=cuda_devices_of(record))
+            tail = log_tail(reg.log_path(wid))
+            reg.update(wid, state=schemas.ERROR, message=f"not ready after {timeout:.0f}s")
+            raise LoadingTimeout(f"worker {wid} was not ready after {timeout:.0f}s; stopped it",
+                                 log_tail=tail)
+        time.sleep(0.05)

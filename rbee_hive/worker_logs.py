@@ -1,0 +1,67 @@
+"""A worker's log file: its tail, the structured error it ends with, and following it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rbee_common.errors import RbeeError, RemoteError
+from rbee_hive.process import pid_alive
+from rbee_hive.registry import Registry
+from worker.protocol import ERROR_LINE_PREFIX
+
+
+def log_tail(path: Path, lines: int = 20) -> list[str]:
+    """The last `lines` lines of a log (read from its last 64 KiB); [] if there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 64 * 1024, 0))
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+def error_from_log(path: Path) -> RbeeError | None:
+    """The structured error a worker writes as its last words, if it wrote one."""
+    tail = log_tail(path, 200)
+    for line in reversed(tail):
+        if line.startswith(ERROR_LINE_PREFIX):
+            try:
+                err = json.loads(line[len(ERROR_LINE_PREFIX):])
+            except ValueError:
+                break
+            details = {**(err.get("details") or {}), "log_tail": tail[-20:]}
+            return RemoteError(str(err.get("code")), str(err.get("message")),
+                               hint=str(err.get("hint") or ""), **details)
+    return None
+
+
+def follow_log(wid: str, lines: int, follow: bool) -> Iterator[str]:
+    """The log's last lines, then (with follow) new lines until the worker exits."""
+    reg = Registry()
+    record = reg.get(wid)
+    path = reg.log_path(wid)
+    yield from log_tail(path, lines)
+    if not follow:
+        return
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        partial = b""
+        while True:
+            chunk = f.read()
+            if chunk:
+                partial += chunk
+                *done, partial = partial.split(b"\n")
+                for line in done:
+                    yield line.decode("utf-8", errors="replace")
+                continue
+            if not pid_alive(record["pid"], wid):
+                if partial:
+                    yield partial.decode("utf-8", errors="replace")
+                return
+            time.sleep(0.2)
