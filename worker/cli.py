@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from rbee_common.errors import RbeeError
-from rbee_common.names import BACKENDS
+from rbee_common.names import BACKENDS, HealthStatus
 from worker.protocol import ERROR_LINE_PREFIX, TOKEN_ENV
-from worker.schemas import HealthStatus
 
 log = logging.getLogger("rbee.worker")
 

@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rbee_common.names import is_gpu
+from rbee_common.names import Backend, StopReason, is_gpu
 from worker.errors import BackendUnavailable, InvalidRequest, ModelLoadFailed
-from worker.schemas import StopReason
 
 log = logging.getLogger("rbee.worker")
 
@@ -146,7 +145,7 @@ def extra_buffer_types_wanted(backend: str) -> bool:
     forced = os.environ.get("RBEE_LLAMA_EXTRA_BUFTS")
     if forced in ("0", "1"):
         return forced == "1"
-    if backend != "cpu":
+    if backend != Backend.cpu:
         return True
     import llama_cpp
 
@@ -358,6 +357,6 @@ class Engine:
 
 def default_threads(backend: str) -> int | None:
     """CPU workers use every core by default; llama.cpp's own default is half of them."""
-    if backend == "cpu":
+    if backend == Backend.cpu:
         return os.cpu_count() or None
     return None

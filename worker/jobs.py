@@ -14,21 +14,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from rbee_common.errors import RbeeError
+from rbee_common.names import HealthStatus, JobEvent, StopReason
 from worker.engine import Engine, GenParams
 from worker.errors import AllSlotsBusy, InvalidRequest, WorkerLoading
 from worker.httpio import HTTPError
-from worker.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ExecuteRequest,
-    HealthStatus,
-    StopReason,
-)
+from worker.schemas import ChatCompletionRequest, CompletionRequest, ExecuteRequest
 from worker.state import Job, WorkerState
 
 log = logging.getLogger("rbee.worker")
 
-Item = tuple[str, Any]
+# (event, value): token (text, index), then end (GenResult) or error (RbeeError)
+Item = tuple[JobEvent, Any]
 
 
 def gen_params(req: ExecuteRequest | CompletionRequest | ChatCompletionRequest, max_tokens: int,
@@ -74,7 +70,7 @@ def start_job(state: WorkerState, route: str, tokens: list[int], params: GenPara
     state.status = HealthStatus.busy
 
     def on_text(text: str, index: int) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, ("token", (text, index)))
+        loop.call_soon_threadsafe(queue.put_nowait, (JobEvent.token, (text, index)))
 
     def run() -> None:
         item: Item
@@ -83,14 +79,14 @@ def start_job(state: WorkerState, route: str, tokens: list[int], params: GenPara
             state.metrics.record(result)
             outcome = "cancelled" if result.stop_reason is StopReason.CANCELLED else "completed"
             state.metrics.count(route, outcome)
-            item = ("end", result)
+            item = (JobEvent.end, result)
         except RbeeError as e:
             state.metrics.count(route, "error")
-            item = ("error", e)
+            item = (JobEvent.error, e)
         except Exception as e:  # llama.cpp failed mid-job: report it on the stream
             log.exception("generation failed")
             state.metrics.count(route, "error")
-            item = ("error", RbeeError(f"generation failed: {e}"))
+            item = (JobEvent.error, RbeeError(f"generation failed: {e}"))
         finally:
             state.job = None
             if state.status is HealthStatus.busy:
@@ -109,7 +105,7 @@ async def drain(job: Job, queue: asyncio.Queue[Item]) -> AsyncIterator[Item]:
         while True:
             item = await queue.get()
             yield item
-            if item[0] != "token":
+            if item[0] is not JobEvent.token:
                 return
     finally:
         job.cancel.set()

@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from rbee_common.names import Backend
 from worker.protocol import TOKEN_ENV
 
 
@@ -27,10 +28,10 @@ def build_backends() -> dict[str, bool]:
     names = [p.name.lower() for p in lib.iterdir()] if lib and lib.is_dir() else []
     return {
         "installed": lib is not None,
-        "cuda": any("ggml-cuda" in n for n in names),
-        "metal": any("ggml-metal" in n for n in names) or (
+        Backend.cuda: any("ggml-cuda" in n for n in names),
+        Backend.metal: any("ggml-metal" in n for n in names) or (
             sys.platform == "darwin" and any(n.startswith("libggml") for n in names)),
-        "cpu": lib is not None,
+        Backend.cpu: lib is not None,
     }
 
 
@@ -54,7 +55,7 @@ def worker_env(token: str, backend: str, device: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     env[TOKEN_ENV] = token
     env["PYTHONUNBUFFERED"] = "1"
-    if backend == "cuda":
+    if backend == Backend.cuda:
         # NVML and CUDA number devices the same way only in PCI bus order
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = str(device)

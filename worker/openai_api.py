@@ -11,10 +11,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from rbee_common.names import JobEvent, StopReason
 from worker.engine import GenParams, GenResult
 from worker.httpio import error_response, event_stream, read_model, sse
 from worker.jobs import drain, gen_params, loaded_engine, start_job, tokenize
-from worker.schemas import ChatCompletionRequest, CompletionRequest, StopReason, stop_list
+from worker.schemas import ChatCompletionRequest, CompletionRequest, stop_list
 from worker.state import WorkerState
 
 _FINISH = {StopReason.EOS: "stop", StopReason.STOP_SEQUENCE: "stop",
@@ -78,9 +79,9 @@ async def _openai(state: WorkerState, route: str, tokens: list[int], params: Gen
             if chat:
                 yield sse(None, chunk(None, None, first=True))
             async for kind_, value in drain(job, queue):
-                if kind_ == "token":
+                if kind_ is JobEvent.token:
                     yield sse(None, chunk(value[0], None))
-                elif kind_ == "end":
+                elif kind_ is JobEvent.end:
                     last = chunk(None if chat else "", _FINISH[value.stop_reason])
                     last["usage"] = usage(value)
                     yield sse(None, last)
@@ -92,9 +93,9 @@ async def _openai(state: WorkerState, route: str, tokens: list[int], params: Gen
 
     result: GenResult | None = None
     async for kind_, value in drain(job, queue):
-        if kind_ == "end":
+        if kind_ is JobEvent.end:
             result = value
-        elif kind_ == "error":
+        elif kind_ is JobEvent.error:
             return error_response(value, 500)
     assert result is not None
     text = "".join(result.text)

@@ -11,6 +11,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from rbee_common.names import JobEvent
 from worker.httpio import event_stream, read_model, sse
 from worker.jobs import drain, gen_params, start_job, tokenize
 from worker.metrics import prometheus_text
@@ -47,14 +48,14 @@ async def execute(request: Request, state: WorkerState) -> Response:
                            job_id)
 
     async def events() -> AsyncIterator[dict[str, str]]:
-        yield sse("started", {"job_id": job_id, "model": state.settings.model_id})
+        yield sse(JobEvent.started, {"job_id": job_id, "model": state.settings.model_id})
         async for kind, value in drain(job, queue):
-            if kind == "token":
-                yield sse("token", {"t": value[0], "i": value[1]})
-            elif kind == "end":
-                yield sse("end", value.end_event())
+            if kind is JobEvent.token:
+                yield sse(JobEvent.token, {"t": value[0], "i": value[1]})
+            elif kind is JobEvent.end:
+                yield sse(JobEvent.end, value.end_event())
             else:
-                yield sse("error", {"code": value.code, "message": value.message})
+                yield sse(JobEvent.error, {"code": value.code, "message": value.message})
 
     return event_stream(events())
 

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rbee_common.errors import RbeeError
+from rbee_common.names import Backend, HealthStatus
 from worker.engine import Engine
 from worker.metrics import Metrics
 from worker.protocol import MAX_BODY_BYTES
-from worker.schemas import HealthStatus
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class WorkerState:
 
     def vram_bytes(self) -> int:
         """GPU memory this worker holds (CUDA, via NVML; re-read at most once a second)."""
-        if self.settings.backend != "cuda" or self.engine.llama is None:
+        if self.settings.backend != Backend.cuda or self.engine.llama is None:
             return 0
         at, value = self._vram
         if time.monotonic() - at > 1.0:
