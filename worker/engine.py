@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
 from rbee_common.names import Backend, StopReason, is_gpu
@@ -106,12 +107,33 @@ class StopMatcher:
         return out
 
 
-class LlamaLogCapture:
-    """Collects llama.cpp's log lines (it logs from C, outside Python's logging)."""
+class LogLevel(IntEnum):
+    """ggml's log levels as ggml.h numbers them (llama_cpp/_logger.py's comment shows an older
+    order; tests/test_worker_engine.py checks this one against a real load)."""
 
-    def __init__(self, keep: int = 400) -> None:
-        self.lines: deque[str] = deque(maxlen=keep)
+    NONE = 0  # plain prints
+    DEBUG = 1
+    INFO = 2
+    WARN = 3
+    ERROR = 4
+    CONT = 5  # continues the previous message, at its level
+
+
+class LlamaLogCapture:
+    """Collects llama.cpp's log lines (it logs from C, outside Python's logging).
+
+    The offload count is read off its line as the line arrives: after it, a real model's
+    load logs hundreds of debug lines (`llama_graph_n_input_tensors …`), so a window of
+    recent lines loses it. Debug lines get their own, smaller window, so their chatter never
+    pushes info, warnings and errors (what an error report needs) out of `lines`.
+    """
+
+    def __init__(self, keep: int = 400, keep_debug: int = 100) -> None:
+        self.lines: deque[str] = deque(maxlen=keep)  # info, warnings, errors, plain prints
+        self.debug: deque[str] = deque(maxlen=keep_debug)
+        self.offload: tuple[int, int] | None = None  # (offloaded, total) layers, when logged
         self._partial = ""
+        self._level = LogLevel.INFO  # of the line being assembled in _partial
         self._callback: Any = None
 
     def install(self) -> None:
@@ -119,20 +141,28 @@ class LlamaLogCapture:
 
         @llama_cpp.llama_log_callback  # type: ignore[misc]
         def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            self._partial += text.decode("utf-8", errors="replace")
-            while "\n" in self._partial:
-                line, self._partial = self._partial.split("\n", 1)
-                self.lines.append(line)
+            self.feed(level, text.decode("utf-8", errors="replace"))
 
         self._callback = _cb  # keep a reference: ctypes must not free it
         llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
 
-    def offloaded(self) -> tuple[int, int] | None:
-        for line in reversed(self.lines):
+    def feed(self, level: int, text: str) -> None:
+        """Take one piece of llama.cpp's log (a line, part of one, or several) at its level."""
+        if level != LogLevel.CONT:
+            # a piece that joins an unfinished line can only raise its level: a warning
+            # never hides among debug lines
+            self._level = max(self._level, level) if self._partial else level
+        self._partial += text
+        while "\n" in self._partial:
+            line, self._partial = self._partial.split("\n", 1)
             m = _OFFLOADED.search(line)
             if m:
-                return int(m.group(1)), int(m.group(2))
-        return None
+                self.offload = int(m.group(1)), int(m.group(2))
+            (self.debug if self._level == LogLevel.DEBUG else self.lines).append(line)
+
+    def offloaded(self) -> tuple[int, int] | None:
+        """(layers offloaded, layers in all) from the load's offload line; None if not logged."""
+        return self.offload
 
 
 def extra_buffer_types_wanted(backend: str) -> bool:

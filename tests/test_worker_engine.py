@@ -1,0 +1,126 @@
+"""The worker's engine, in process and without a GPU: llama.cpp's log capture and the
+stop-string matcher."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.tinymodel import write_tiny_model
+from worker.engine import Engine, EngineSettings, LlamaLogCapture
+
+# ggml.h's log levels
+DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
+
+Emit = Callable[[int, str], None]
+
+
+def _current_logger() -> tuple[object, ctypes.c_void_p]:
+    import llama_cpp
+
+    callback, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(user_data))
+    return callback, user_data
+
+
+@pytest.fixture
+def llama_log() -> Iterator[Emit]:
+    """Log through whatever callback llama.cpp holds, as llama.cpp itself calls it (from C);
+    the callback that was there before the test is put back after it."""
+    import llama_cpp
+
+    before = _current_logger()
+
+    def emit(level: int, text: str) -> None:
+        callback, user_data = _current_logger()
+        callback(level, text.encode(), user_data)  # type: ignore[operator]
+
+    yield emit
+    llama_cpp.llama_log_set(*before)
+
+
+def graph_lines(n: int) -> Iterator[str]:
+    """`n` lines like those llama.cpp logs (at debug) while it reserves compute graphs."""
+    inputs = [("out_ids", "i32", "{     1,     1,     1,     1 }", "node_{l}", "GET_ROWS"),
+              ("attn_inp_kq_mask", "f32", "{  4096,     1,     1,     1 }", "kq_soft_max-{l}",
+               "SOFT_MAX"),
+              ("attn_inp_v_idxs", "i64", "{   256,     1,     1,     1 }",
+               "cache_v_l{l} (reshaped) (view)", "SET_ROWS"),
+              ("attn_inp_k_idxs", "i64", "{     1,     1,     1,     1 }", "cache_k_l{l} (view)",
+               "SET_ROWS"),
+              ("inp_pos", "i32", "{     1,     1,     1,     1 }", "Qcur-{l}", "ROPE")]
+    for i in range(n):
+        if i % 111 == 0:
+            yield ("graph_reserve: reserving a graph for ubatch with n_tokens =    1, "
+                   "n_seqs =  1, n_outputs =    1\n")
+        name, typ, ne, node, op = inputs[i % len(inputs)]
+        yield (f"llama_graph_n_input_tensors: input tensor '{name:>32}' [{typ}, ne = {ne}] "
+               f"is used by node '{node.format(l=i % 22)}' ({op})\n")
+
+
+def load_22_layer_model(emit: Emit) -> None:
+    """What llama.cpp logs while it loads a 22-layer model onto one CUDA device."""
+    emit(INFO, "load_tensors: loading model tensors, this can take a while... "
+               "(load_mode = mmap)\n")
+    for layer in range(23):
+        emit(DEBUG, f"load_tensors: layer {layer:>3} assigned to device CUDA0, is_swa = 0\n")
+    emit(INFO, "load_tensors: offloading output layer to GPU\n")
+    emit(INFO, "load_tensors: offloading 21 repeating layers to GPU\n")
+    emit(INFO, "load_tensors: offloaded 23/23 layers to GPU\n")
+    emit(INFO, "load_tensors:        CUDA0 model buffer size =  1885.36 MiB\n")
+    emit(INFO, "load_tensors:   CPU_Mapped model buffer size =   125.00 MiB\n")
+    for _ in range(40):
+        emit(CONT, ".")
+    emit(CONT, "\n")
+    emit(INFO, "llama_context: constructing llama_context\n")
+    emit(WARN, "llama_context: n_ctx_seq (4096) < n_ctx_train (32768) -- the full capacity "
+               "of the model will not be utilized\n")
+    for line in graph_lines(1000):
+        emit(DEBUG, line)
+    emit(INFO, "llama_context:      CUDA0 compute buffer size =   300.75 MiB\n")
+
+
+def test_offload_count_survives_a_flood_of_debug_lines(llama_log: Emit) -> None:
+    """A real model's load logs hundreds of graph lines after the offload line (seen on an
+    H100 with a 22-layer model: every CUDA spawn failed with 'an unknown number of layers')."""
+    capture = LlamaLogCapture()
+    capture.install()
+    load_22_layer_model(llama_log)
+    assert capture.offloaded() == (23, 23)
+    # what an error report needs is still there; the graph chatter is not in its way
+    lines = list(capture.lines)
+    assert "load_tensors: offloaded 23/23 layers to GPU" in lines
+    assert any("n_ctx_seq (4096) < n_ctx_train" in line for line in lines)
+    assert lines[-1] == "llama_context:      CUDA0 compute buffer size =   300.75 MiB"
+    assert not any("llama_graph_n_input_tensors" in line for line in lines)
+
+
+def test_a_real_load_sorts_llama_cpps_lines_by_level(tiny_model: Path,
+                                                      llama_log: Emit) -> None:
+    engine = Engine(EngineSettings(model_path=str(tiny_model), backend="cpu", ctx=256))
+    engine.load()
+    try:
+        logs = engine.logs
+        assert any(line.startswith("llama_graph_n_input_tensors: ") for line in logs.debug)
+        assert not any("llama_graph_n_input_tensors" in line for line in logs.lines)
+        assert any(line.startswith("load_tensors: ") for line in logs.lines)
+        assert logs.offloaded() == (0, 3)  # a cpu worker offloads nothing
+    finally:
+        engine.close()
+
+
+def test_vram_only_check_passes_on_a_deep_model(tmp_path: Path, llama_log: Emit) -> None:
+    """The GPU path's offload check on a real load of a 24-layer model, whose load logs more
+    graph lines after the offload line than the capture keeps. (A CPU-only build has no GPU
+    to offload to; llama.cpp then "offloads" to the CPU and logs the same lines.)"""
+    model = write_tiny_model(tmp_path / "deep.gguf", n_layers=24)
+    engine = Engine(EngineSettings(model_path=str(model), backend="cuda", ctx=256))
+    engine.load()
+    try:
+        assert engine.logs.offloaded() == (25, 25)
+        assert len(engine.logs.debug) == engine.logs.debug.maxlen  # the flood did happen
+    finally:
+        engine.close()
