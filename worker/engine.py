@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -37,6 +37,8 @@ class EngineSettings:
     ctx: int = 4096
     threads: int | None = None
     batch: int = 512
+    n_devices: int = 1  # GPUs the worker spans; rbee-hive makes them 0..n-1 (CUDA_VISIBLE_DEVICES)
+    tensor_split: tuple[float, ...] | None = None  # each device's share; None: even
 
 
 @dataclass(frozen=True)
@@ -203,8 +205,41 @@ def model_params(**fields: Any) -> Iterator[None]:
         lc.llama_model_default_params = original
 
 
-def cuda_memory_of(pid: int, nvml_index: int) -> int:
-    """Bytes of GPU memory the process holds on one device, as NVML accounts it (0 if unknown)."""
+def llama_kwargs(s: EngineSettings) -> dict[str, Any]:
+    """The arguments Engine.load gives llama_cpp.Llama for these settings.
+
+    A GPU worker offloads every layer (VRAM only). On one device it keeps the whole model
+    there (no split); across several it splits by layer, in the proportions of
+    `tensor_split` (even by default: llama.cpp's own default follows free memory, which the
+    worker does not control).
+    """
+    import llama_cpp
+
+    gpu = is_gpu(s.backend)
+    kwargs: dict[str, Any] = {
+        "model_path": s.model_path,
+        "n_ctx": s.ctx,
+        "n_batch": min(s.batch, s.ctx),
+        "n_gpu_layers": -1 if gpu else 0,
+        "verbose": False,
+    }
+    if s.threads:
+        kwargs["n_threads"] = s.threads
+        kwargs["n_threads_batch"] = s.threads
+    if gpu and s.n_devices > 1:
+        kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+        kwargs["tensor_split"] = list(s.tensor_split or [1.0] * s.n_devices)
+    elif gpu:
+        # rbee-hive pins the worker's one device with CUDA_VISIBLE_DEVICES: here it is 0
+        kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        kwargs["main_gpu"] = 0
+    return kwargs
+
+
+def cuda_memory_of(pid: int, nvml_indexes: Iterable[int]) -> int:
+    """Bytes of GPU memory the process holds on these devices, as NVML accounts it (0 if unknown).
+
+    NVML ignores CUDA_VISIBLE_DEVICES: the indexes are the host's (as rbee-hive numbers them)."""
     try:
         import pynvml
 
@@ -212,11 +247,13 @@ def cuda_memory_of(pid: int, nvml_index: int) -> int:
     except Exception:  # no NVML here: nothing to report
         return 0
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory:
-                return int(proc.usedGpuMemory)
-        return 0
+        total = 0
+        for index in nvml_indexes:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory:
+                    total += int(proc.usedGpuMemory)
+        return total
     except pynvml.NVMLError:
         return 0
     finally:
@@ -253,20 +290,7 @@ class Engine:
 
         self.logs.install()
         s = self.settings
-        kwargs: dict[str, Any] = {
-            "model_path": s.model_path,
-            "n_ctx": s.ctx,
-            "n_batch": min(s.batch, s.ctx),
-            "n_gpu_layers": -1 if self.gpu else 0,
-            "verbose": False,
-        }
-        if s.threads:
-            kwargs["n_threads"] = s.threads
-            kwargs["n_threads_batch"] = s.threads
-        if self.gpu:
-            # one device per worker: rbee-hive pins it with CUDA_VISIBLE_DEVICES
-            kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_NONE
-            kwargs["main_gpu"] = 0
+        kwargs = llama_kwargs(s)
         extra = extra_buffer_types_wanted(s.backend)
         if not extra:
             log.info("keeping weights out of llama.cpp's AMX/repack buffers (llama.cpp#20824); "

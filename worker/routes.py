@@ -29,6 +29,7 @@ async def health(request: Request) -> Response:
         "model": s.model_id,
         "backend": s.backend,
         "device": s.device,
+        "devices": list(s.devices),
         "ctx": s.ctx,
         "vram_bytes": state.vram_bytes(),
         "uptime_s": round(time.monotonic() - state.started, 3),

@@ -20,10 +20,15 @@ class WorkerSettings:
     worker_id: str
     model_id: str
     backend: str
-    device: int
+    devices: tuple[int, ...]  # as rbee-hive numbers them (NVML order), not as CUDA sees them
     ctx: int
     token: str = field(repr=False)
     max_body_bytes: int = MAX_BODY_BYTES
+
+    @property
+    def device(self) -> int:
+        """The first (or only) device."""
+        return self.devices[0]
 
 
 @dataclass
@@ -47,14 +52,15 @@ class WorkerState:
     _vram: tuple[float, int] = (0.0, 0)
 
     def vram_bytes(self) -> int:
-        """GPU memory this worker holds (CUDA, via NVML; re-read at most once a second)."""
+        """GPU memory this worker holds on all its devices (CUDA, via NVML; re-read at most
+        once a second)."""
         if self.settings.backend != Backend.cuda or self.engine.llama is None:
             return 0
         at, value = self._vram
         if time.monotonic() - at > 1.0:
             from worker.engine import cuda_memory_of
 
-            value = cuda_memory_of(os.getpid(), self.settings.device)
+            value = cuda_memory_of(os.getpid(), self.settings.devices)
             self._vram = (time.monotonic(), value)
         return value
 
