@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.tinymodel import write_tiny_model
-from worker.engine import Engine, EngineSettings, LlamaLogCapture
+from worker.engine import Engine, EngineSettings, LlamaLogCapture, StopMatcher
 
 # ggml.h's log levels
 DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
@@ -124,3 +124,55 @@ def test_vram_only_check_passes_on_a_deep_model(tmp_path: Path, llama_log: Emit)
         assert len(engine.logs.debug) == engine.logs.debug.maxlen  # the flood did happen
     finally:
         engine.close()
+
+
+def run_stops(stops: tuple[str, ...], pieces: list[str]) -> tuple[list[str], bool, str]:
+    """Feed `pieces` (token texts) until a stop hits: what came out per piece, whether a stop
+    hit, and what flush() then gives."""
+    matcher = StopMatcher(stops)
+    out: list[str] = []
+    for piece in pieces:
+        text, hit = matcher.feed(piece)
+        out.append(text)
+        if hit:
+            return out, True, matcher.flush()
+    return out, False, matcher.flush()
+
+
+def test_without_stops_text_passes_straight_through() -> None:
+    assert run_stops((), ["Hel", "lo", " <", "/s>"]) == (["Hel", "lo", " <", "/s>"], False, "")
+
+
+def test_stop_split_across_tokens_is_held_back_then_cut() -> None:
+    out, hit, rest = run_stops(("</s>",), ["ab", "c<", "/s", ">tail"])
+    assert out == ["ab", "c", "", ""] and hit and rest == ""
+
+
+def test_stop_inside_one_token_keeps_the_text_before_it() -> None:
+    assert run_stops(("END",), ["one ", "twoENDthree"]) == (["one ", "two"], True, "")
+
+
+def test_a_false_start_is_released_when_it_stops_matching() -> None:
+    out, hit, _ = run_stops(("</s>",), ["a<", "/", "x", "b"])
+    assert out == ["a", "", "</x", "b"] and not hit
+
+
+def test_several_stops_the_earliest_in_the_text_wins() -> None:
+    assert run_stops(("xyz", "b"), ["a", "bxyz"]) == (["a", ""], True, "")
+    # "bcde" starts before "cd" does, so the text is cut where "bcde" starts
+    assert run_stops(("cd", "bcde"), ["ab", "cde"]) == (["a", ""], True, "")
+    assert run_stops(("cd", "bcdx"), ["ab", "cde"]) == (["a", "b"], True, "")
+
+
+def test_hold_back_covers_the_longest_possible_start_of_any_stop() -> None:
+    matcher = StopMatcher(("\nUser:", "ZZ"))
+    assert matcher.feed("Hi\nUs") == ("Hi", False)  # "\nUs" may start "\nUser:"
+    assert matcher.feed("Z") == ("\nUs", False)  # "\nUsZ" does not, but "Z" may start "ZZ"
+    assert matcher.feed("!") == ("Z!", False)
+
+
+def test_flush_gives_back_what_was_held_when_the_stream_ends() -> None:
+    matcher = StopMatcher(("</s>",))
+    assert matcher.feed("done </") == ("done ", False)
+    assert matcher.flush() == "</"
+    assert matcher.flush() == ""
