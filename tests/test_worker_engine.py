@@ -11,6 +11,8 @@ import pytest
 
 from tests.tinymodel import write_tiny_model
 from worker.engine import Engine, EngineSettings, LlamaLogCapture, StopMatcher
+from worker.errors import BackendUnavailable
+from worker.launch import build_backends
 
 # ggml.h's log levels
 DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
@@ -176,3 +178,14 @@ def test_flush_gives_back_what_was_held_when_the_stream_ends() -> None:
     assert matcher.feed("done </") == ("done ", False)
     assert matcher.flush() == "</"
     assert matcher.flush() == ""
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_a_gpu_backend_the_build_lacks_is_refused(backend: str, tiny_model: Path) -> None:
+    """llama_supports_gpu_offload() is also true for a CPU build with RPC (as here), which
+    would then run a "cuda" worker on the CPU: a silent fallback DESIGN.md §4 forbids."""
+    if build_backends()[backend]:
+        pytest.skip(f"this llama-cpp-python build has the {backend} backend")
+    engine = Engine(EngineSettings(model_path=str(tiny_model), backend=backend))
+    with pytest.raises(BackendUnavailable, match=f"no {backend} backend"):
+        engine.check_backend()

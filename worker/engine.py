@@ -279,11 +279,17 @@ class Engine:
 
     def check_backend(self) -> None:
         """Refuse a GPU backend the llama.cpp build cannot offload to (no CPU fallback)."""
+        from worker.launch import build_backends
+
+        backend = self.settings.backend
         if self.gpu and not gpu_offload_supported():
             raise BackendUnavailable(
                 f"this llama-cpp-python build cannot offload to a GPU, so backend "
-                f"{self.settings.backend!r} is unavailable"
+                f"{backend!r} is unavailable"
             )
+        # an RPC-enabled CPU build also says it can offload: it must have this backend itself
+        if self.gpu and not build_backends()[backend]:
+            raise BackendUnavailable(f"this llama-cpp-python build has no {backend} backend")
 
     def load(self) -> None:
         import llama_cpp
