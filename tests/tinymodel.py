@@ -38,9 +38,11 @@ def successors() -> dict[int, int]:
 
 
 def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
-                     chat_template: str | None = None, quant: str | None = None) -> Path:
+                     chat_template: str | None = None, quant: str | None = None,
+                     n_layers: int = N_LAYERS) -> Path:
     """Write the model; `quant` ("Q8_0", "Q4_0", …) quantises the layers' matrices, which
-    sends llama.cpp down its quantised kernels (where CPU-specific bugs live)."""
+    sends llama.cpp down its quantised kernels (where CPU-specific bugs live); `n_layers`
+    makes it as deep as a real model (llama.cpp's load log grows with it)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -72,7 +74,7 @@ def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
     w.add_name("rbee-tiny-test")
     w.add_context_length(context_length)
     w.add_embedding_length(N_EMBD)
-    w.add_block_count(N_LAYERS)
+    w.add_block_count(n_layers)
     w.add_feed_forward_length(N_FF)
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD_KV)
@@ -93,7 +95,7 @@ def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
     w.add_tensor("token_embd.weight", embd)
     w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
     w.add_tensor("output.weight", out)
-    for i in range(N_LAYERS):
+    for i in range(n_layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
         matrix(f"blk.{i}.attn_q.weight", N_HEAD * hd, N_EMBD)
         matrix(f"blk.{i}.attn_k.weight", N_HEAD_KV * hd, N_EMBD)

@@ -1,7 +1,7 @@
 """llm-worker-rbee: started by rbee-hive, never by hand in normal use.
 
-    llm-worker-rbee --model PATH --backend cpu|cuda|metal [--device N] --port P \
-        [--host ADDR] --worker-id ID [--ctx N]
+    llm-worker-rbee --model PATH --backend cpu|cuda|metal [--device N[,N...]] --port P \
+        [--host ADDR] --worker-id ID [--ctx N] [--tensor-split F,F...]
 
 The bearer token comes from $RBEE_WORKER_TOKEN or --token-file, never from argv.
 A start-up failure ends the log with one `RBEE_ERROR {json}` line and exit status 1.
@@ -16,13 +16,14 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rbee_common.errors import RbeeError
-from rbee_common.names import BACKENDS
+from rbee_common.names import BACKENDS, HealthStatus
+from worker.launch import check_devices, parse_devices, parse_split
 from worker.protocol import ERROR_LINE_PREFIX, TOKEN_ENV
-from worker.schemas import HealthStatus
 
 log = logging.getLogger("rbee.worker")
 
@@ -32,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="path of the GGUF file")
     p.add_argument("--backend", required=True, choices=list(BACKENDS))
-    p.add_argument("--device", type=int, default=0)
+    p.add_argument("--device", type=_arg(parse_devices), default=(0,),
+                   help="device index, or a comma list to split a model across GPUs (0,1)")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--worker-id", required=True)
@@ -40,7 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="the model's name in /health and /v1/models")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores on cpu)")
     p.add_argument("--token-file", type=Path, help="read the bearer token from this file")
+    p.add_argument("--tensor-split", type=_arg(parse_split),
+                   help="each device's share of the model, e.g. 0.6,0.4 (default: even)")
     return p
+
+
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def fail(err: RbeeError) -> None:
@@ -75,7 +89,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        check_devices(args.backend, args.device, args.tensor_split)
+    except RbeeError as e:
+        parser.error(e.message)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -94,11 +113,12 @@ def serve(args: argparse.Namespace) -> int:
 
     token = _token(args)
     engine = Engine(EngineSettings(model_path=args.model, backend=args.backend, ctx=args.ctx,
-                                   threads=args.threads or default_threads(args.backend)))
+                                   threads=args.threads or default_threads(args.backend),
+                                   n_devices=len(args.device), tensor_split=args.tensor_split))
     engine.check_backend()
     sock = _bind(args.host, args.port)
     settings = WorkerSettings(worker_id=args.worker_id, model_id=args.model_id or
-                              Path(args.model).stem, backend=args.backend, device=args.device,
+                              Path(args.model).stem, backend=args.backend, devices=args.device,
                               ctx=args.ctx, token=token)
     app = create_app(settings, engine)
     state = app.state.worker  # type: ignore[attr-defined]

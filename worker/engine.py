@@ -17,13 +17,13 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
-from rbee_common.names import is_gpu
+from rbee_common.names import Backend, StopReason, is_gpu
 from worker.errors import BackendUnavailable, InvalidRequest, ModelLoadFailed
-from worker.schemas import StopReason
 
 log = logging.getLogger("rbee.worker")
 
@@ -37,6 +37,8 @@ class EngineSettings:
     ctx: int = 4096
     threads: int | None = None
     batch: int = 512
+    n_devices: int = 1  # GPUs the worker spans; rbee-hive makes them 0..n-1 (CUDA_VISIBLE_DEVICES)
+    tensor_split: tuple[float, ...] | None = None  # each device's share; None: even
 
 
 @dataclass(frozen=True)
@@ -107,12 +109,33 @@ class StopMatcher:
         return out
 
 
-class LlamaLogCapture:
-    """Collects llama.cpp's log lines (it logs from C, outside Python's logging)."""
+class LogLevel(IntEnum):
+    """ggml's log levels as ggml.h numbers them (llama_cpp/_logger.py's comment shows an older
+    order; tests/test_worker_engine.py checks this one against a real load)."""
 
-    def __init__(self, keep: int = 400) -> None:
-        self.lines: deque[str] = deque(maxlen=keep)
+    NONE = 0  # plain prints
+    DEBUG = 1
+    INFO = 2
+    WARN = 3
+    ERROR = 4
+    CONT = 5  # continues the previous message, at its level
+
+
+class LlamaLogCapture:
+    """Collects llama.cpp's log lines (it logs from C, outside Python's logging).
+
+    The offload count is read off its line as the line arrives: after it, a real model's
+    load logs hundreds of debug lines (`llama_graph_n_input_tensors …`), so a window of
+    recent lines loses it. Debug lines get their own, smaller window, so their chatter never
+    pushes info, warnings and errors (what an error report needs) out of `lines`.
+    """
+
+    def __init__(self, keep: int = 400, keep_debug: int = 100) -> None:
+        self.lines: deque[str] = deque(maxlen=keep)  # info, warnings, errors, plain prints
+        self.debug: deque[str] = deque(maxlen=keep_debug)
+        self.offload: tuple[int, int] | None = None  # (offloaded, total) layers, when logged
         self._partial = ""
+        self._level = LogLevel.INFO  # of the line being assembled in _partial
         self._callback: Any = None
 
     def install(self) -> None:
@@ -120,20 +143,28 @@ class LlamaLogCapture:
 
         @llama_cpp.llama_log_callback  # type: ignore[misc]
         def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            self._partial += text.decode("utf-8", errors="replace")
-            while "\n" in self._partial:
-                line, self._partial = self._partial.split("\n", 1)
-                self.lines.append(line)
+            self.feed(level, text.decode("utf-8", errors="replace"))
 
         self._callback = _cb  # keep a reference: ctypes must not free it
         llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
 
-    def offloaded(self) -> tuple[int, int] | None:
-        for line in reversed(self.lines):
+    def feed(self, level: int, text: str) -> None:
+        """Take one piece of llama.cpp's log (a line, part of one, or several) at its level."""
+        if level != LogLevel.CONT:
+            # a piece that joins an unfinished line can only raise its level: a warning
+            # never hides among debug lines
+            self._level = max(self._level, level) if self._partial else level
+        self._partial += text
+        while "\n" in self._partial:
+            line, self._partial = self._partial.split("\n", 1)
             m = _OFFLOADED.search(line)
             if m:
-                return int(m.group(1)), int(m.group(2))
-        return None
+                self.offload = int(m.group(1)), int(m.group(2))
+            (self.debug if self._level == LogLevel.DEBUG else self.lines).append(line)
+
+    def offloaded(self) -> tuple[int, int] | None:
+        """(layers offloaded, layers in all) from the load's offload line; None if not logged."""
+        return self.offload
 
 
 def extra_buffer_types_wanted(backend: str) -> bool:
@@ -146,7 +177,7 @@ def extra_buffer_types_wanted(backend: str) -> bool:
     forced = os.environ.get("RBEE_LLAMA_EXTRA_BUFTS")
     if forced in ("0", "1"):
         return forced == "1"
-    if backend != "cpu":
+    if backend != Backend.cpu:
         return True
     import llama_cpp
 
@@ -174,8 +205,41 @@ def model_params(**fields: Any) -> Iterator[None]:
         lc.llama_model_default_params = original
 
 
-def cuda_memory_of(pid: int, nvml_index: int) -> int:
-    """Bytes of GPU memory the process holds on one device, as NVML accounts it (0 if unknown)."""
+def llama_kwargs(s: EngineSettings) -> dict[str, Any]:
+    """The arguments Engine.load gives llama_cpp.Llama for these settings.
+
+    A GPU worker offloads every layer (VRAM only). On one device it keeps the whole model
+    there (no split); across several it splits by layer, in the proportions of
+    `tensor_split` (even by default: llama.cpp's own default follows free memory, which the
+    worker does not control).
+    """
+    import llama_cpp
+
+    gpu = is_gpu(s.backend)
+    kwargs: dict[str, Any] = {
+        "model_path": s.model_path,
+        "n_ctx": s.ctx,
+        "n_batch": min(s.batch, s.ctx),
+        "n_gpu_layers": -1 if gpu else 0,
+        "verbose": False,
+    }
+    if s.threads:
+        kwargs["n_threads"] = s.threads
+        kwargs["n_threads_batch"] = s.threads
+    if gpu and s.n_devices > 1:
+        kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+        kwargs["tensor_split"] = list(s.tensor_split or [1.0] * s.n_devices)
+    elif gpu:
+        # rbee-hive pins the worker's one device with CUDA_VISIBLE_DEVICES: here it is 0
+        kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        kwargs["main_gpu"] = 0
+    return kwargs
+
+
+def cuda_memory_of(pid: int, nvml_indexes: Iterable[int]) -> int:
+    """Bytes of GPU memory the process holds on these devices, as NVML accounts it (0 if unknown).
+
+    NVML ignores CUDA_VISIBLE_DEVICES: the indexes are the host's (as rbee-hive numbers them)."""
     try:
         import pynvml
 
@@ -183,11 +247,13 @@ def cuda_memory_of(pid: int, nvml_index: int) -> int:
     except Exception:  # no NVML here: nothing to report
         return 0
     try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory:
-                return int(proc.usedGpuMemory)
-        return 0
+        total = 0
+        for index in nvml_indexes:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory:
+                    total += int(proc.usedGpuMemory)
+        return total
     except pynvml.NVMLError:
         return 0
     finally:
@@ -213,31 +279,24 @@ class Engine:
 
     def check_backend(self) -> None:
         """Refuse a GPU backend the llama.cpp build cannot offload to (no CPU fallback)."""
+        from worker.launch import build_backends
+
+        backend = self.settings.backend
         if self.gpu and not gpu_offload_supported():
             raise BackendUnavailable(
                 f"this llama-cpp-python build cannot offload to a GPU, so backend "
-                f"{self.settings.backend!r} is unavailable"
+                f"{backend!r} is unavailable"
             )
+        # an RPC-enabled CPU build also says it can offload: it must have this backend itself
+        if self.gpu and not build_backends()[backend]:
+            raise BackendUnavailable(f"this llama-cpp-python build has no {backend} backend")
 
     def load(self) -> None:
         import llama_cpp
 
         self.logs.install()
         s = self.settings
-        kwargs: dict[str, Any] = {
-            "model_path": s.model_path,
-            "n_ctx": s.ctx,
-            "n_batch": min(s.batch, s.ctx),
-            "n_gpu_layers": -1 if self.gpu else 0,
-            "verbose": False,
-        }
-        if s.threads:
-            kwargs["n_threads"] = s.threads
-            kwargs["n_threads_batch"] = s.threads
-        if self.gpu:
-            # one device per worker: rbee-hive pins it with CUDA_VISIBLE_DEVICES
-            kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_NONE
-            kwargs["main_gpu"] = 0
+        kwargs = llama_kwargs(s)
         extra = extra_buffer_types_wanted(s.backend)
         if not extra:
             log.info("keeping weights out of llama.cpp's AMX/repack buffers (llama.cpp#20824); "
@@ -358,6 +417,6 @@ class Engine:
 
 def default_threads(backend: str) -> int | None:
     """CPU workers use every core by default; llama.cpp's own default is half of them."""
-    if backend == "cpu":
+    if backend == Backend.cpu:
         return os.cpu_count() or None
     return None

@@ -6,11 +6,15 @@ Kept free of heavy imports: rbee-hive imports this on its hot paths.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from rbee_common.errors import UsageError
+from rbee_common.names import Backend, is_gpu
 from worker.protocol import TOKEN_ENV
 
 
@@ -27,35 +31,82 @@ def build_backends() -> dict[str, bool]:
     names = [p.name.lower() for p in lib.iterdir()] if lib and lib.is_dir() else []
     return {
         "installed": lib is not None,
-        "cuda": any("ggml-cuda" in n for n in names),
-        "metal": any("ggml-metal" in n for n in names) or (
+        Backend.cuda: any("ggml-cuda" in n for n in names),
+        Backend.metal: any("ggml-metal" in n for n in names) or (
             sys.platform == "darwin" and any(n.startswith("libggml") for n in names)),
-        "cpu": lib is not None,
+        Backend.cpu: lib is not None,
     }
 
 
-def worker_argv(*, model_path: str, backend: str, device: int, port: int, host: str,
-                worker_id: str, ctx: int, model_id: str, threads: int | None = None) -> list[str]:
-    """The worker's command line: an explicit argument list, never a shell string."""
+def device_list(device: int | Sequence[int]) -> tuple[int, ...]:
+    """The device indexes of `--device` (one index, or several for a layer-split GPU worker)."""
+    return (int(device),) if isinstance(device, int) else tuple(int(d) for d in device)
+
+
+def parse_devices(text: str) -> tuple[int, ...]:
+    """`--device 0` or `--device 0,1` → (0,) or (0, 1)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a device index or a comma list of them") from None
+
+
+def parse_split(text: str) -> tuple[float, ...]:
+    """`--tensor-split 0.6,0.4` → (0.6, 0.4)."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma list of proportions") from None
+
+
+def check_devices(backend: str, devices: Sequence[int],
+                  tensor_split: Sequence[float] | None = None) -> None:
+    """Refuse a device list (and split) a worker cannot run: one rule for argv and the worker."""
+    if not devices or any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+        raise UsageError(f"devices {list(devices)}: give distinct device indexes (0, 1, ...)")
+    if len(devices) > 1 and not is_gpu(backend):
+        raise UsageError(f"a {backend} worker runs on one device, not {len(devices)}",
+                         hint="Give one --device, or a GPU backend to split a model.")
+    if tensor_split is not None:
+        if len(tensor_split) != len(devices):
+            raise UsageError(f"--tensor-split has {len(tensor_split)} shares for "
+                             f"{len(devices)} devices", hint="Give one share per device.")
+        if not all(0 < share < math.inf for share in tensor_split):
+            raise UsageError("every --tensor-split share must be above 0 (every device listed "
+                             "holds part of the model)")
+
+
+def worker_argv(*, model_path: str, backend: str, device: int | Sequence[int], port: int,
+                host: str, worker_id: str, ctx: int, model_id: str, threads: int | None = None,
+                tensor_split: Sequence[float] | None = None) -> list[str]:
+    """The worker's command line: an explicit argument list, never a shell string.
+
+    Several devices (a GPU worker with llama.cpp's layer split) go as `--device 0,1`, with
+    `--tensor-split` when the model is not split evenly between them."""
+    devices = device_list(device)
+    check_devices(backend, devices, tensor_split)
     script = Path(sys.executable).parent / "llm-worker-rbee"
     head = [str(script)] if script.exists() else [sys.executable, "-m", "worker"]
     if not script.exists() and shutil.which("llm-worker-rbee"):
         head = [str(shutil.which("llm-worker-rbee"))]
-    argv = [*head, "--model", model_path, "--backend", backend, "--device", str(device),
-            "--port", str(port), "--host", host, "--worker-id", worker_id, "--ctx", str(ctx),
-            "--model-id", model_id]
+    argv = [*head, "--model", model_path, "--backend", backend,
+            "--device", ",".join(map(str, devices)), "--port", str(port), "--host", host,
+            "--worker-id", worker_id, "--ctx", str(ctx), "--model-id", model_id]
     if threads:
         argv += ["--threads", str(threads)]
+    if tensor_split is not None:
+        argv += ["--tensor-split", ",".join(map(repr, map(float, tensor_split)))]
     return argv
 
 
-def worker_env(token: str, backend: str, device: int) -> dict[str, str]:
+def worker_env(token: str, backend: str, device: int | Sequence[int]) -> dict[str, str]:
     """The worker's environment: the token (never argv, where `ps` shows it) and its device."""
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     env[TOKEN_ENV] = token
     env["PYTHONUNBUFFERED"] = "1"
-    if backend == "cuda":
+    if backend == Backend.cuda:
         # NVML and CUDA number devices the same way only in PCI bus order
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = str(device)
+        # inside the worker its devices are then 0..n-1, in the order given
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, device_list(device)))
     return env

@@ -1,0 +1,85 @@
+"""rbee's own worker routes (DESIGN.md §4): /health, /execute, /cancel, /metrics, /shutdown."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from rbee_common.names import JobEvent
+from worker.httpio import event_stream, read_model, sse
+from worker.jobs import drain, gen_params, start_job, tokenize
+from worker.metrics import prometheus_text
+from worker.schemas import HEALTH_SCHEMA, CancelRequest, ExecuteRequest
+from worker.state import WorkerState
+
+
+async def health(request: Request) -> Response:
+    state: WorkerState = request.app.state.worker
+    s = state.settings
+    doc: dict[str, Any] = {
+        "schema": HEALTH_SCHEMA,
+        "status": state.status.value,
+        "worker_id": s.worker_id,
+        "model": s.model_id,
+        "backend": s.backend,
+        "device": s.device,
+        "devices": list(s.devices),
+        "ctx": s.ctx,
+        "vram_bytes": state.vram_bytes(),
+        "uptime_s": round(time.monotonic() - state.started, 3),
+    }
+    if state.job is not None:
+        doc["job_id"] = state.job.id
+    if state.error is not None:
+        doc["error"] = state.error.to_dict()
+    return JSONResponse(doc)
+
+
+async def execute(request: Request, state: WorkerState) -> Response:
+    req: ExecuteRequest = await read_model(request, ExecuteRequest, state.settings.max_body_bytes)
+    tokens = await tokenize(state, req.prompt)
+    job_id = req.job_id or f"job-{secrets.token_hex(6)}"
+    job, queue = start_job(state, "execute", tokens, gen_params(req, req.max_tokens, req.stop),
+                           job_id)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        yield sse(JobEvent.started, {"job_id": job_id, "model": state.settings.model_id})
+        async for kind, value in drain(job, queue):
+            if kind is JobEvent.token:
+                yield sse(JobEvent.token, {"t": value[0], "i": value[1]})
+            elif kind is JobEvent.end:
+                yield sse(JobEvent.end, value.end_event())
+            else:
+                yield sse(JobEvent.error, {"code": value.code, "message": value.message})
+
+    return event_stream(events())
+
+
+async def cancel(request: Request, state: WorkerState) -> Response:
+    req: CancelRequest = await read_model(request, CancelRequest, state.settings.max_body_bytes)
+    job = state.job
+    cancelled = job is not None and job.id == req.job_id
+    if cancelled and job is not None:
+        job.cancel.set()
+    return JSONResponse({"job_id": req.job_id, "cancelling": cancelled}, status_code=202)
+
+
+async def metrics(request: Request, state: WorkerState) -> Response:
+    text = prometheus_text(state.metrics, state.settings.worker_id, state.job is not None,
+                           time.monotonic() - state.started)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def shutdown(request: Request, state: WorkerState) -> Response:
+    def stop() -> None:
+        state.cancel_current()
+        state.request_exit()
+
+    return JSONResponse({"status": "shutting_down"}, status_code=202,
+                        background=BackgroundTask(stop))
