@@ -16,6 +16,8 @@ from typing import Any
 
 from rbee_common.errors import AllSlotsBusy, RbeeError, RemoteError, WorkerCrashed
 from rbee_common.http import connect, request_json
+from rbee_common.names import JobEvent
+from rbee_common.sse import read_events
 
 READ_TIMEOUT = 300.0  # longest silence between two events before the worker is presumed gone
 
@@ -86,32 +88,21 @@ def execute(url: str, token: str, body: dict[str, Any], on_text: Callable[[str],
 
 def _read_events(resp: http.client.HTTPResponse, out: Stream, on_text: Callable[[str], None],
                  t0: float, url: str) -> None:
-    event, data = "message", ""
     try:
-        while True:
-            raw = resp.readline()
-            if not raw:
-                break
-            line = raw.decode("utf-8").rstrip("\r\n")
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = line[5:].lstrip(" ")
-            elif not line and data:
-                payload = json.loads(data)
-                if event == "token":
-                    if out.ttft_ms is None:
-                        out.ttft_ms = (time.perf_counter() - t0) * 1000
-                    out.tokens += 1
-                    out.text.append(payload["t"])
-                    on_text(payload["t"])
-                elif event == "end":
-                    out.end = payload
-                    return
-                elif event == "error":
-                    raise RemoteError(str(payload.get("code")), str(payload.get("message")),
-                                      worker=url)
-                event, data = "message", ""
+        for event in read_events(resp):
+            payload = event.json()
+            if event.event == JobEvent.token:
+                if out.ttft_ms is None:
+                    out.ttft_ms = (time.perf_counter() - t0) * 1000
+                out.tokens += 1
+                out.text.append(payload["t"])
+                on_text(payload["t"])
+            elif event.event == JobEvent.end:
+                out.end = payload
+                return
+            elif event.event == JobEvent.error:
+                raise RemoteError(str(payload.get("code")), str(payload.get("message")),
+                                  worker=url)
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise WorkerCrashed(f"the worker at {url} broke off the stream after {out.tokens} "
                             f"tokens: {e or type(e).__name__}", worker=url,

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from sse_starlette.sse import ServerSentEvent
 
+from rbee_common.asgi import sse
 from rbee_common.errors import RemoteError, WorkerCrashed
 from rbee_keeper.worker_client import Stream, _read_events
-from worker.httpio import sse
 
 URL = "http://127.0.0.1:8123"
 END = {"tokens_out": 3, "stop_reason": "MAX_TOKENS", "prompt_tokens": 2, "ttft_ms": 4.5,

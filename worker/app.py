@@ -3,54 +3,25 @@
 One job at a time (M0): a second job gets 503 ALL_SLOTS_BUSY. Where things live:
 `state` (settings, status, the slot), `jobs` (running a job in a thread, bridged to asyncio),
 `routes` (rbee's own routes), `openai_api` (the /v1 routes), `metrics` (Prometheus text),
-`httpio` (bodies, errors, SSE). This module wires them together behind bearer auth.
+`rbee_common.asgi` (bodies, errors, SSE, bearer auth). This module wires them together.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
+from rbee_common.asgi import BearerAuth, HTTPError, error_response
 from worker import openai_api, routes
 from worker.engine import Engine
-from worker.errors import Unauthorized
-from worker.httpio import HTTPError, error_response
 from worker.state import WorkerSettings, WorkerState
 
-__all__ = ["BearerAuth", "WorkerSettings", "WorkerState", "create_app"]
-
-
-class BearerAuth:
-    """Every route but /health needs `Authorization: Bearer <token>` (constant-time compare)."""
-
-    def __init__(self, app: ASGIApp, token: str, on_reject: Callable[[str], None]) -> None:
-        self.app = app
-        self.token = token.encode()
-        self.on_reject = on_reject
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
-            await self.app(scope, receive, send)
-            return
-        header = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                header = value
-                break
-        scheme, _, presented = header.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(presented.strip(), self.token):
-            await self.app(scope, receive, send)
-            return
-        self.on_reject(scope["path"])
-        reason = "wrong bearer token" if header else "missing bearer token"
-        response = error_response(Unauthorized(reason), 401, {"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
+__all__ = ["WorkerSettings", "WorkerState", "create_app"]
 
 
 def _endpoint(route: str, fn: Callable[[Request, WorkerState], Awaitable[Response]]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from rbee_common.errors import AllSlotsBusy, RbeeError  # noqa: F401  (re-exported)
+from rbee_common.errors import (  # noqa: F401  (re-exported: the worker raises them)
+    AllSlotsBusy,
+    InvalidRequest,
+    RbeeError,
+    Unauthorized,
+)
 
 
 class BackendUnavailable(RbeeError):
@@ -27,17 +32,6 @@ class PortInUse(RbeeError):
     default_hint = "Spawn again without --port to let rbee-hive pick a free one."
 
 
-class Unauthorized(RbeeError):
-    """The bearer token is missing or wrong."""
-
-    code = "UNAUTHORIZED"
-    default_hint = "Send `Authorization: Bearer <token>` with the worker's token."
-
-
-class InvalidRequest(RbeeError):
-    """The request body is not what the route accepts."""
-
-    code = "INVALID_REQUEST"
 
 
 

@@ -13,11 +13,11 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from rbee_common.asgi import HTTPError
 from rbee_common.errors import RbeeError
 from rbee_common.names import HealthStatus, JobEvent, StopReason
 from worker.engine import Engine, GenParams
 from worker.errors import AllSlotsBusy, InvalidRequest, WorkerLoading
-from worker.httpio import HTTPError
 from worker.schemas import ChatCompletionRequest, CompletionRequest, ExecuteRequest
 from worker.state import Job, WorkerState
 

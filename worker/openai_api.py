@@ -11,10 +11,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from rbee_common.asgi import error_response, event_stream, read_model, sse
 from rbee_common.names import JobEvent, StopReason
 from worker.engine import GenParams, GenResult
-from worker.httpio import error_response, event_stream, read_model, sse
 from worker.jobs import drain, gen_params, loaded_engine, start_job, tokenize
+from worker.routes import API_HINT
 from worker.schemas import ChatCompletionRequest, CompletionRequest, stop_list
 from worker.state import WorkerState
 
@@ -30,7 +31,7 @@ async def v1_models(request: Request, state: WorkerState) -> Response:
 
 async def v1_completions(request: Request, state: WorkerState) -> Response:
     req: CompletionRequest = await read_model(request, CompletionRequest,
-                                              state.settings.max_body_bytes)
+                                              state.settings.max_body_bytes, hint=API_HINT)
     prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt[:1])
     tokens = await tokenize(state, prompt)
     params = gen_params(req, req.max_tokens or 16, stop_list(req.stop))
@@ -39,7 +40,7 @@ async def v1_completions(request: Request, state: WorkerState) -> Response:
 
 async def v1_chat(request: Request, state: WorkerState) -> Response:
     req: ChatCompletionRequest = await read_model(request, ChatCompletionRequest,
-                                                  state.settings.max_body_bytes)
+                                                  state.settings.max_body_bytes, hint=API_HINT)
     prompt, stops, has_bos = loaded_engine(state).format_chat(
         [(m.role, m.text()) for m in req.messages])
     tokens = await tokenize(state, prompt, add_bos=not has_bos)

@@ -11,12 +11,14 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from rbee_common.asgi import event_stream, read_model, sse
 from rbee_common.names import JobEvent
-from worker.httpio import event_stream, read_model, sse
 from worker.jobs import drain, gen_params, start_job, tokenize
 from worker.metrics import prometheus_text
 from worker.schemas import HEALTH_SCHEMA, CancelRequest, ExecuteRequest
 from worker.state import WorkerState
+
+API_HINT = "See the worker API in DESIGN.md §4."
 
 
 async def health(request: Request) -> Response:
@@ -42,7 +44,8 @@ async def health(request: Request) -> Response:
 
 
 async def execute(request: Request, state: WorkerState) -> Response:
-    req: ExecuteRequest = await read_model(request, ExecuteRequest, state.settings.max_body_bytes)
+    req: ExecuteRequest = await read_model(request, ExecuteRequest, state.settings.max_body_bytes,
+                                            hint=API_HINT)
     tokens = await tokenize(state, req.prompt)
     job_id = req.job_id or f"job-{secrets.token_hex(6)}"
     job, queue = start_job(state, "execute", tokens, gen_params(req, req.max_tokens, req.stop),
@@ -62,7 +65,8 @@ async def execute(request: Request, state: WorkerState) -> Response:
 
 
 async def cancel(request: Request, state: WorkerState) -> Response:
-    req: CancelRequest = await read_model(request, CancelRequest, state.settings.max_body_bytes)
+    req: CancelRequest = await read_model(request, CancelRequest, state.settings.max_body_bytes,
+                                           hint=API_HINT)
     job = state.job
     cancelled = job is not None and job.id == req.job_id
     if cancelled and job is not None:
