@@ -7,6 +7,9 @@ placement, so both always agree:
       free      what the device reports free now (NVML, /proc/meminfo)
       reserve   left for the OS and other programs (RBEE_RESERVE_MIB on that host)
       promised  estimates of workers still loading there (they have not taken it yet)
+    and, where the host caps what rbee may use (`memory_limit`, RBEE_MAX_RAM_MIB for its
+    RAM), at most  limit − held − promised,  held being the estimates of its running workers
+    (a CPU worker's weights sit in the page cache, which `free` counts as free)
     a model fits when its estimate (rbee_common.estimate) is at most `available`.
 
 Across several GPUs of one host (llama.cpp's layer split), weights and KV cache are split in
@@ -23,8 +26,16 @@ from typing import Any
 from rbee_common.estimate import DEFAULT_CTX, Estimate, human_bytes, reserve_bytes
 from rbee_common.names import WorkerState, is_gpu
 
-__all__ = ["DEFAULT_CTX", "Fit", "Room", "default_ctx", "fit", "promised_bytes",
-           "reserve_bytes", "room_of", "worker_devices"]
+__all__ = ["DEFAULT_CTX", "Fit", "Room", "default_ctx", "fit", "held_bytes", "promised_bytes",
+           "ram_limit", "reserve_bytes", "room_of", "worker_devices"]
+
+
+def ram_limit() -> int | None:
+    """RBEE_MAX_RAM_MIB: the RAM this host's CPU workers may hold in all (None: no cap)."""
+    import os
+
+    raw = os.environ.get("RBEE_MAX_RAM_MIB")
+    return None if not raw else int(raw) * 1024 * 1024
 
 
 def default_ctx(trained: int | None) -> int:
@@ -56,6 +67,13 @@ def promised_bytes(workers: Iterable[Mapping[str, Any]], backend: str, device: i
                if w.get("state") == WorkerState.loading and w.get("backend") == backend)
 
 
+def held_bytes(workers: Iterable[Mapping[str, Any]], backend: str, device: int) -> int:
+    """Memory the running (ready or busy) workers on this device hold, by their estimates."""
+    return sum(_share_on(w, device) for w in workers
+               if w.get("state") in (WorkerState.ready, WorkerState.busy)
+               and w.get("backend") == backend)
+
+
 @dataclass(frozen=True)
 class Room:
     """One device's memory as the fit rule sees it."""
@@ -65,10 +83,17 @@ class Room:
     free: int | None
     reserve: int
     promised: int = 0
+    limit: int | None = None  # what rbee may use on this device in all (None: no cap)
+    held: int = 0  # what its running workers hold (counted against `limit`)
 
     @property
     def available(self) -> int | None:
-        return None if self.free is None else self.free - self.reserve - self.promised
+        if self.free is None:
+            return None
+        room = self.free - self.reserve - self.promised
+        if self.limit is not None:
+            room = min(room, self.limit - self.held - self.promised)
+        return room
 
     @property
     def label(self) -> str:
@@ -77,9 +102,11 @@ class Room:
     def describe(self) -> str:
         loading = (f", {human_bytes(self.promised)} promised to workers still loading"
                    if self.promised else "")
+        capped = (f"; rbee may use {human_bytes(self.limit)} here, its workers hold "
+                  f"{human_bytes(self.held)}" if self.limit is not None else "")
         return (f"{self.label} has {human_bytes(self.available)} available "
                 f"({human_bytes(self.free)} free less {human_bytes(self.reserve)} reserve"
-                f"{loading})")
+                f"{loading}{capped})")
 
 
 def room_of(device: Mapping[str, Any], workers: Iterable[Mapping[str, Any]],
@@ -87,9 +114,12 @@ def room_of(device: Mapping[str, Any], workers: Iterable[Mapping[str, Any]],
     """The Room of a device document (`rbee-hive status`/`detect`) with that host's workers."""
     backend, index = str(device["backend"]), int(device["index"])
     free = device.get("memory_free")
+    limit = device.get("memory_limit")
+    workers = list(workers)
     return Room(backend, index, None if free is None else int(free),
                 reserve_bytes() if reserve is None else int(reserve),
-                promised_bytes(workers, backend, index))
+                promised_bytes(workers, backend, index),
+                None if limit is None else int(limit), held_bytes(workers, backend, index))
 
 
 @dataclass(frozen=True)
@@ -134,8 +164,8 @@ class Fit:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "estimate": self.estimate.to_dict(),
                 "devices": [{"backend": r.backend, "index": r.index, "free": r.free,
-                             "reserve": r.reserve, "promised": r.promised,
-                             "available": r.available, "share_bytes": s}
+                             "reserve": r.reserve, "promised": r.promised, "limit": r.limit,
+                             "held": r.held, "available": r.available, "share_bytes": s}
                             for r, s in zip(self.rooms, self.shares, strict=True)],
                 "tensor_split": list(self.tensor_split)}
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from typing import Any
 
+from rbee_common.fit import ram_limit
 from worker.launch import build_backends
 
 
@@ -64,6 +65,7 @@ def _cuda() -> tuple[list[dict[str, Any]], str | None]:
                 "backend": "cuda", "index": i,
                 "name": name.decode() if isinstance(name, bytes) else str(name),
                 "memory_total": int(mem.total), "memory_free": int(mem.free),
+                "memory_limit": None,
             })
         return devices, None if devices else "NVML found no devices"
     except pynvml.NVMLError as e:
@@ -89,7 +91,7 @@ def detect() -> dict[str, Any]:
     total, available = _meminfo()
     devices: list[dict[str, Any]] = [{
         "backend": "cpu", "index": 0, "name": _cpu_name(), "cores": os.cpu_count(),
-        "memory_total": total, "memory_free": available,
+        "memory_total": total, "memory_free": available, "memory_limit": ram_limit(),
     }]
     cuda_devices, cuda_reason = _cuda()
     devices += cuda_devices
@@ -98,7 +100,8 @@ def detect() -> dict[str, Any]:
     apple = sys.platform == "darwin" and platform.machine() == "arm64"
     if apple:
         devices.append({"backend": "metal", "index": 0, "name": "Apple GPU (unified memory)",
-                        "memory_total": total, "memory_free": available})
+                        "memory_total": total, "memory_free": available,
+                        "memory_limit": ram_limit()})
     metal_reason = None
     if not apple:
         metal_reason = "Metal needs macOS on Apple silicon"

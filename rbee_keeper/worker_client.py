@@ -102,7 +102,7 @@ def _read_events(resp: http.client.HTTPResponse, out: Stream, on_text: Callable[
                 return
             elif event.event == JobEvent.error:
                 raise RemoteError(str(payload.get("code")), str(payload.get("message")),
-                                  worker=url)
+                                  hint=str(payload.get("hint") or ""), worker=url)
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise WorkerCrashed(f"the worker at {url} broke off the stream after {out.tokens} "
                             f"tokens: {e or type(e).__name__}", worker=url,

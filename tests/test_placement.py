@@ -67,6 +67,19 @@ def test_fit_compares_the_estimate_with_free_less_reserve_less_promised() -> Non
     assert "KV cache at ctx 4096" in verdict.reason()
 
 
+def test_a_ram_cap_counts_what_running_workers_hold() -> None:
+    est = estimate(1 * GiB, 0, 0, 4096)
+    # 20 GiB free, but rbee may use 2 GiB here and its running worker holds 1.5 of them
+    workers = [worker("a", "m", "cpu", 0, "ready", estimate_bytes=1536 * MiB)]
+    room = room_of({"backend": "cpu", "index": 0, "memory_free": 20 * GiB,
+                    "memory_limit": 2 * GiB}, workers, reserve=0)
+    assert room.held == 1536 * MiB and room.available == 512 * MiB
+    assert not fit(est, [room]).ok
+    assert "rbee may use 2.0 GiB here" in room.describe()
+    uncapped = room_of({"backend": "cpu", "index": 0, "memory_free": 20 * GiB}, workers, 0)
+    assert fit(est, [uncapped]).ok
+
+
 def test_promised_memory_counts_only_loading_workers_on_that_device() -> None:
     workers = [worker("a", "m", "cuda", 0, "loading", estimate_bytes=3 * GiB),
                worker("b", "m", "cuda", 0, "ready", estimate_bytes=5 * GiB),

@@ -416,7 +416,11 @@ class Engine:
 
 
 def default_threads(backend: str) -> int | None:
-    """CPU workers use every core by default; llama.cpp's own default is half of them."""
-    if backend == Backend.cpu:
-        return os.cpu_count() or None
-    return None
+    """CPU workers use every core by default (llama.cpp's own default is half of them), or
+    RBEE_WORKER_THREADS of the host's env (several workers sharing a small box)."""
+    if backend != Backend.cpu:
+        return None
+    configured = os.environ.get("RBEE_WORKER_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return os.cpu_count() or None

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from rbee_common.asgi import event_stream, read_model, sse
 from rbee_common.names import JobEvent
-from worker.jobs import drain, gen_params, start_job, tokenize
+from worker.jobs import drain, gen_params, loaded_engine, start_job, tokenize
 from worker.metrics import prometheus_text
 from worker.schemas import HEALTH_SCHEMA, CancelRequest, ExecuteRequest
 from worker.state import WorkerState
@@ -46,9 +46,17 @@ async def health(request: Request) -> Response:
 async def execute(request: Request, state: WorkerState) -> Response:
     req: ExecuteRequest = await read_model(request, ExecuteRequest, state.settings.max_body_bytes,
                                             hint=API_HINT)
-    tokens = await tokenize(state, req.prompt)
+    stops = list(req.stop)
+    if req.messages is not None:
+        prompt, template_stops, has_bos = loaded_engine(state).format_chat(
+            [(m.role, m.text()) for m in req.messages])
+        tokens = await tokenize(state, prompt, add_bos=not has_bos)
+        stops += template_stops
+    else:
+        assert req.prompt is not None
+        tokens = await tokenize(state, req.prompt)
     job_id = req.job_id or f"job-{secrets.token_hex(6)}"
-    job, queue = start_job(state, "execute", tokens, gen_params(req, req.max_tokens, req.stop),
+    job, queue = start_job(state, "execute", tokens, gen_params(req, req.max_tokens, stops),
                            job_id)
 
     async def events() -> AsyncIterator[dict[str, str]]:
@@ -59,7 +67,8 @@ async def execute(request: Request, state: WorkerState) -> Response:
             elif kind is JobEvent.end:
                 yield sse(JobEvent.end, value.end_event())
             else:
-                yield sse(JobEvent.error, {"code": value.code, "message": value.message})
+                yield sse(JobEvent.error, {"code": value.code, "message": value.message,
+                                           "hint": value.hint})
 
     return event_stream(events())
 

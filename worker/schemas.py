@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rbee_common.names import HealthStatus, JobEvent, StopReason
 from worker.protocol import ERROR_LINE_PREFIX, HEALTH_SCHEMA, MAX_BODY_BYTES, TOKEN_ENV
@@ -26,13 +26,21 @@ class ExecuteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
-    prompt: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # formatted with the
+    # model's own chat template, as /v1/chat/completions does
     max_tokens: int = Field(default=128, ge=1, le=1_000_000)
     temperature: float = Field(default=0.7, ge=0.0, le=5.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     top_k: int = Field(default=40, ge=0, le=100_000)
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     stop: list[StopString] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ExecuteRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give a prompt or messages (one of them)")
+        return self
 
 
 class CancelRequest(BaseModel):
@@ -94,3 +102,6 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
+
+
+ExecuteRequest.model_rebuild()

@@ -44,6 +44,7 @@ class LiveJob:
     timings: dict[str, float] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     started_at: float | None = None
+    attempts: int = 0  # placements retried after a host refused what its picture promised
     first_token_at: float | None = None
     _listeners: list[Listener] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)

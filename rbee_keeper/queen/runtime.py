@@ -250,7 +250,7 @@ class Queen:
             view = self.hosts.setdefault(host, HostView(host))
             view.status, view.error, view.seen, view.checked = status, None, now, now
             view.source = "heartbeat"
-            self._reconcile(host, status)
+            self._reconcile(host, status, now)
             self.cond.notify_all()
 
     # hosts
@@ -266,6 +266,7 @@ class Queen:
                      now - self.hosts.get(n, HostView(n)).seen > self.settings.poll_interval]
         if not stale:
             return
+        asked = time.time()
         outcomes = fan_out(stale, lambda n: self.session.hive(configs[n]).status(
             timeout=self.settings.status_timeout), self.settings.status_timeout)
         now = time.time()
@@ -279,20 +280,32 @@ class Queen:
                 view.source = "local" if configs[o.name].transport == "local" else "ssh"
                 if o.ok and o.value is not None:
                     view.status, view.error, view.seen = o.value, None, now
-                    self._reconcile(o.name, o.value)
+                    self._reconcile(o.name, o.value, asked)
                 else:
                     view.error = (o.error or RbeeError("no status")).to_dict()
             self.cond.notify_all()
 
-    def _reconcile(self, host: str, status: dict[str, Any]) -> None:
-        """Forget managed workers the host no longer runs (crashed, stopped by hand)."""
-        alive = {w["id"] for w in status.get("workers", [])
-                 if w.get("state") in (WorkerState.ready, WorkerState.busy, WorkerState.loading)}
-        for key, w in list(self.workers.items()):
-            if w.host == host and w.id not in alive and w.state != "starting":
+    def _reconcile(self, host: str, status: dict[str, Any], asked: float) -> None:
+        """Forget managed workers the host no longer runs (crashed, stopped by hand); a
+        worker started after the status was asked for is not in it yet, and stays."""
+        # a worker that is slow to answer its /health ("error") is still there: only a dead
+        # process, or a record gone, means the worker is
+        alive = {w["id"] for w in status.get("workers", []) if w.get("state") != WorkerState.dead}
+        for w in list(self.workers.values()):
+            if w.host == host and w.id not in alive and w.started < asked:
                 log.warning("worker %s on %s is gone", w.id, host)
-                del self.workers[key]
-                self.store.drop_worker(host, w.id)
+                self._forget(host, w.id)
+
+    def _forget(self, host: str, worker_id: str) -> None:
+        """A worker is no more (stopped, evicted, crashed): out of the queen's books, its
+        record, and the host's cached picture, so no decision offers it again."""
+        with self.cond:
+            self.workers.pop((host, worker_id), None)
+            view = self.hosts.get(host)
+            if view is not None and view.status is not None:
+                view.status = {**view.status, "workers": [
+                    w for w in view.status.get("workers", []) if w.get("id") != worker_id]}
+        self.store.drop_worker(host, worker_id)
 
     def _statuses(self) -> dict[str, dict[str, Any] | RbeeError]:
         """Host statuses for placement: the cached pictures, with the memory that workers
@@ -306,11 +319,18 @@ class Queen:
                 out[name] = RemoteError(str(err.get("code")), str(err.get("message")))
                 continue
             status = copy.deepcopy(view.status)
+            listed = set()
             for w in status.get("workers", []):
+                listed.add(w.get("id"))
                 managed = self.workers.get((name, w.get("id")))
                 if managed is not None:  # the queen knows better than a status seconds old
                     w["state"] = (WorkerState.ready if managed.state == "idle"
                                   else WorkerState.busy).value
+            status["workers"] += [  # started since that status: they hold memory too
+                {"id": w.id, "model": w.model, "backend": w.backend, "device": w.devices[0],
+                 "devices": list(w.devices), "ctx": w.ctx, "estimate_bytes": w.estimate_bytes,
+                 "state": (WorkerState.ready if w.state == "idle" else WorkerState.busy).value}
+                for w in self.workers.values() if w.host == name and w.id not in listed]
             status["workers"] = [*status.get("workers", []),
                                  *(r for r in self.reservations.values() if r["host"] == name)]
             out[name] = status
@@ -380,7 +400,7 @@ class Queen:
     def _decide(self, job: LiveJob) -> Plan | None:
         """Run on an idle worker, start one (evicting idle ones if that makes room), wait,
         or fail; None means wait."""
-        model = job.request.model
+        model = job.model_id
         fails = self.failures.get(model)
         if fails is not None and fails.count > 1:
             wait = lifecycle.crash_backoff(fails.count) - (time.time() - fails.last)
@@ -395,9 +415,11 @@ class Queen:
                 w.state = "busy"
                 return Plan(worker=w, reason=f"idle worker {w.id} already serves the model")
         waiting = sum(1 for j in self.queue if j.model_id == job.model_id)
-        busy = sum(1 for w in mine if w.state in ("busy", "starting"))
-        if mine and not lifecycle.wants_another_worker(waiting, len(mine), busy,
-                                                       self.settings.max_workers_per_model):
+        starting = sum(1 for r in self.reservations.values() if r["model"] == job.model_id)
+        busy = sum(1 for w in mine if w.state == "busy") + starting
+        serving = len(mine) + starting  # workers it has, and ones being started for it
+        if serving and not lifecycle.wants_another_worker(
+                waiting, serving, busy, self.settings.max_workers_per_model):
             return None
         statuses = self._statuses()
         need = self._need(job, statuses)
@@ -406,8 +428,8 @@ class Queen:
         try:
             placement = place(statuses, need, Constraints())
         except (InsufficientMemory, NoPlacement) as e:
-            if mine:
-                return None  # its busy worker will do
+            if serving:
+                return None  # its busy (or starting) worker will do
             idle = [lifecycle.Idle(w.id, w.host, w.model, w.backend, w.devices, w.last_used)
                     for w in self.workers.values() if w.state == "idle"]
             plan = lifecycle.plan_eviction(statuses, need, Constraints(), idle)
@@ -415,7 +437,7 @@ class Queen:
                 self._reserve(job, plan.placement)
                 return Plan(placement=plan.placement, victims=plan.victims,
                             reason=plan.reason())
-            if any(w.state in ("busy", "starting") for w in self.workers.values()):
+            if self.reservations or any(w.state == "busy" for w in self.workers.values()):
                 return None  # memory may come free when a job ends
             raise e
         if placement.chosen.worker is not None:
@@ -432,7 +454,7 @@ class Queen:
         c = placement.chosen
         est = placement.estimate.total_bytes if placement.estimate and memory else 0
         self.reservations[job.id] = {
-            "id": f"reserved-{job.id}", "host": c.host, "model": job.request.model,
+            "id": f"reserved-{job.id}", "host": c.host, "model": job.model_id,
             "backend": c.backend, "device": c.device, "devices": list(c.devices),
             "state": WorkerState.loading.value, "estimate_bytes": est, "ctx": placement.ctx}
 
@@ -442,6 +464,7 @@ class Queen:
         worker: ManagedWorker | None = plan.worker
         try:
             placed = self._placed_event(job, plan, worker)
+            job.placement, job.host = placed[2], placed[2]["host"]
             self._transition(job, JobState.placed, [placed], placement=placed[2],
                              host=placed[2]["host"])
             job.cancel.check(job.id)
@@ -505,7 +528,7 @@ class Queen:
                                tensor_split=split))
         job.timings["spawn_ms"] = (time.perf_counter() - t1) * 1000
         with self.cond:
-            self.failures.pop(job.request.model, None)
+            self.failures.pop(job.model_id, None)
         worker = self._manage(chosen.host, record, token, config.worker_url(record["port"]), job)
         self.refresh_hosts(names=[chosen.host])
         return worker
@@ -530,11 +553,9 @@ class Queen:
                                     "idle_s": round(time.time() - victim.last_used, 1),
                                     "reason": "least recently used idle worker; the job needs "
                                               "its memory"})
-        with self.cond:
-            self.workers.pop((victim.host, victim.id), None)
+        self._forget(victim.host, victim.id)
         with contextlib.suppress(RbeeError):
             hive.stop(victim.id)
-        self.store.drop_worker(victim.host, victim.id)
         self.metrics.evictions += 1
 
     def _download_reporter(self, job: LiveJob) -> Callable[[dict[str, Any]], None]:
@@ -610,24 +631,34 @@ class Queen:
                          {**self._cancelled_end(), "tokens_out": job.tokens})
             return
         crashed = isinstance(e, WorkerCrashed) or e.code == "WORKER_CRASHED"
-        if crashed and job.state is JobState.placed and worker is not None:
-            # the worker died while idle, before it took this job: forget it, try again
-            with self.cond:
-                self.workers.pop((worker.host, worker.id), None)
-            self.store.drop_worker(worker.host, worker.id)
+        stale = e.code in ("INSUFFICIENT_RAM", "INSUFFICIENT_VRAM", "NO_FREE_PORT")
+        if stale and job.state is JobState.placed and job.worker is None and job.attempts < 3:
+            # the host refused what its picture here promised: look again, then place again
+            job.attempts += 1
+            if job.host:
+                self.refresh_hosts(names=[job.host])
+            self._requeue(job)
+            return
+        gone = crashed or e.code == "WORKER_NOT_FOUND"
+        if gone and job.state is JobState.placed and job.worker is None and job.tokens == 0:
+            # the worker it was given died (or was stopped) before it took this job: forget
+            # it and place the job again
+            if worker is not None:
+                self._forget(worker.host, worker.id)
+            adopted = (job.placement or {}).get("worker")
+            if adopted and job.host:
+                self._forget(job.host, adopted)
             self._requeue(job)
             return
         if crashed:
             if worker is not None:
-                with self.cond:
-                    self.workers.pop((worker.host, worker.id), None)
-                self.store.drop_worker(worker.host, worker.id)
+                self._forget(worker.host, worker.id)
                 e.details.setdefault("hint_worker", worker.id)
                 e.hint = (f"Read its log: rbee pool worker logs {worker.id} --host "
                           f"{worker.host}. The next job starts a new worker.")
-            self._note_failure(job.request.model, e)
+            self._note_failure(job.model_id, e)
         elif job.state is JobState.placed and job.worker is None:
-            self._note_failure(job.request.model, e)  # it never started
+            self._note_failure(job.model_id, e)  # it never started
         self._fail(job, e)
 
     def _note_failure(self, model: str, e: RbeeError) -> None:
@@ -688,7 +719,7 @@ class Queen:
                         for w in self.workers.values() if w.state == "idle"]
                 due = lifecycle.expired(idle, self.ttl_of, now)
                 for d in due:
-                    self.workers.pop((d.host, d.id), None)
+                    self._forget(d.host, d.id)
             for d in due:
                 self._stop_quietly(d.host, d.id)
                 self.metrics.ttl_stops += 1
@@ -699,7 +730,6 @@ class Queen:
         if config is not None:
             with contextlib.suppress(RbeeError):
                 self.session.hive(config).stop(worker_id)
-        self.store.drop_worker(host, worker_id)
 
     def stop_worker(self, host: str, worker_id: str) -> dict[str, Any]:
         """Stop a worker (the UI's stop button); refused while it runs a job."""
@@ -708,10 +738,9 @@ class Queen:
             if w is not None and w.state != "idle":
                 raise RbeeError(f"worker {worker_id} is running a job",
                                 hint="Cancel the job first, or wait for it to end.")
-            self.workers.pop((host, worker_id), None)
+            self._forget(host, worker_id)
         config = self.load_hosts()[host]
         doc = self.session.hive(config).stop(worker_id)
-        self.store.drop_worker(host, worker_id)
         self.refresh_hosts(names=[host])
         return doc
 
