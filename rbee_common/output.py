@@ -60,12 +60,12 @@ def emit_error(err: RbeeError, fmt: Format) -> None:
     elif fmt is Format.ndjson:
         write_json({"event": "error", **err.envelope(), "exit_code": err.exit_code})
     else:
-        from rich.markup import escape
+        from rbee_common.textsafe import safe
 
         con = console(stderr=True)
-        con.print(f"[bold red]Error:[/] {escape(err.message)} [dim]({err.code})[/]")
+        con.print(f"[bold red]Error:[/] {safe(err.message)} [dim]({safe(err.code)})[/]")
         if err.hint:
-            con.print(f"[dim]Hint:[/] {escape(err.hint)}")
+            con.print(f"[dim]Hint:[/] {safe(err.hint)}")
 
 
 def sniff_format(argv: Sequence[str]) -> Format:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rbee_common.output import Format, write_json
+from rbee_common.textsafe import clean, safe
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -90,11 +91,11 @@ class RichReporter:
             progress = self._ensure()
             total = event.get("total")
             if phase in self._tasks:
-                progress.update(self._tasks[phase], description=event.get("message", phase),
+                progress.update(self._tasks[phase], description=safe(event.get("message", phase)),
                                 total=total)
             else:
                 self._tasks[phase] = progress.add_task(
-                    str(event.get("message", phase)), total=total,
+                    safe(event.get("message", phase)), total=total,
                     completed=int(event.get("completed", 0)),
                 )
         elif kind == "progress" and phase in self._tasks:
@@ -103,7 +104,7 @@ class RichReporter:
             if event.get("total") is not None:
                 fields["total"] = event["total"]
             if event.get("message"):
-                fields["description"] = event["message"]
+                fields["description"] = safe(event["message"])
             self._progress.update(self._tasks[phase], **fields)
         elif kind == "done" and phase in self._tasks:
             assert self._progress is not None
@@ -115,12 +116,10 @@ class RichReporter:
             if not self._tasks:
                 self.close()
         elif kind == "log":
-            from rich.markup import escape
-
             from rbee_common.output import console
 
             target = self._progress.console if self._progress else console(stderr=True)
-            target.print(escape(str(event.get("message", ""))))
+            target.print(safe(event.get("message", "")))
 
     def close(self) -> None:
         if self._progress is not None:
@@ -150,16 +149,16 @@ class PlainReporter:
         kind = event.get("event")
         phase = str(event.get("phase", ""))
         if kind == "phase" and phase not in self._started:
-            message = str(event.get("message", phase))
+            message = clean(str(event.get("message", phase)))
             self._started[phase] = (time.monotonic(), message)
             sys.stderr.write(f"{message}…\n")
         elif kind == "done" and phase in self._started:
             began, message = self._started.pop(phase)
             took = time.monotonic() - began
-            done = event.get("message") or f"{message}: done ({took:.1f}s)"
+            done = clean(str(event.get("message") or f"{message}: done ({took:.1f}s)"))
             sys.stderr.write(f"{done}\n")
         elif kind == "log":
-            sys.stderr.write(f"{event.get('message', '')}\n")
+            sys.stderr.write(f"{clean(str(event.get('message', '')))}\n")
         sys.stderr.flush()
 
 

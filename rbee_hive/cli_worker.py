@@ -96,8 +96,10 @@ def logs(wid: IdArg,
     from rbee_hive.worker_logs import follow_log
 
     if fmt is Format.text:
+        from rbee_common.textsafe import for_terminal
+
         for line in follow_log(wid, lines, follow):
-            sys.stdout.write(line + "\n")
+            sys.stdout.write(for_terminal(line, sys.stdout) + "\n")
             sys.stdout.flush()
     elif follow:
         for line in follow_log(wid, lines, follow):

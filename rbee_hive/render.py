@@ -12,6 +12,7 @@ from typing import Any
 from rbee_common.estimate import human_bytes
 from rbee_common.names import WorkerState
 from rbee_common.output import console
+from rbee_common.textsafe import cell, clean, safe
 from rbee_hive import schemas
 
 Doc = dict[str, Any]
@@ -48,14 +49,15 @@ def _mem(d: Doc) -> str:
 def devices_table(doc: Doc) -> Any:
     t = table("DEVICE", "NAME", "MEMORY")
     for d in doc["devices"]:
-        t.add_row(f"{d['backend']}:{d['index']}", d.get("name") or "", _mem(d))
+        t.add_row(cell(f"{d['backend']}:{d['index']}"), cell(d.get("name")), cell(_mem(d)))
     return t
 
 
 def backends_line(doc: Doc) -> str:
     parts = []
     for b in doc["backends"]:
-        parts.append(b["name"] if b["available"] else f"[dim]{b['name']} ({b['reason']})[/]")
+        parts.append(safe(b["name"]) if b["available"]
+                     else f"[dim]{safe(b['name'])} ({safe(b['reason'])})[/]")
     return "backends: " + ", ".join(parts)
 
 
@@ -63,9 +65,9 @@ def models_table(models: list[Doc]) -> Any:
     t = table("ID", "SIZE", "QUANT", "PARAMS", "CTX", "SOURCE")
     for m in models:
         g = m.get("gguf", m)
-        t.add_row(m["id"], human_bytes(m.get("size")), str(g.get("file_type") or ""),
-                  human_params(g.get("parameters")), str(g.get("context_length") or ""),
-                  m.get("source", ""))
+        t.add_row(cell(m["id"]), cell(human_bytes(m.get("size"))), cell(g.get("file_type")),
+                  cell(human_params(g.get("parameters"))), cell(g.get("context_length")),
+                  cell(m.get("source", "")))
     return t
 
 
@@ -75,8 +77,8 @@ def workers_table(workers: list[Doc]) -> Any:
         state = w["state"]
         style = {WorkerState.ready: "green", WorkerState.busy: "yellow",
                  WorkerState.loading: "cyan"}.get(state, "red")
-        t.add_row(w["id"], f"[{style}]{state}[/]", w["model"], f"{w['backend']}:{w['device']}",
-                  w["url"], str(w["pid"]))
+        t.add_row(cell(w["id"]), cell(state, style), cell(w["model"]),
+                  cell(f"{w['backend']}:{w['device']}"), cell(w["url"]), cell(w["pid"]))
     return t
 
 
@@ -84,14 +86,15 @@ def _worker_problems(workers: list[Doc]) -> list[str]:
     out = []
     for w in workers:
         if w["state"] in (WorkerState.dead, WorkerState.error):
-            out.append(f"[red]{w['id']}[/]: {w.get('message') or w['state']}")
-            out += [f"  [dim]│ {line}[/]" for line in (w.get("log_tail") or [])[-5:]]
+            out.append(f"[red]{safe(w['id'])}[/]: {safe(w.get('message') or w['state'])}")
+            out += [f"  [dim]│ {safe(line)}[/]" for line in (w.get("log_tail") or [])[-5:]]
     return out
 
 
 def render_status(doc: Doc) -> None:
     h = doc["host"]
-    _print(f"[bold]{h['hostname']}[/] ({h['platform']} {h['machine']}, rbee {h['rbee_version']})",
+    _print(f"[bold]{safe(h['hostname'])}[/] ({safe(h['platform'])} {safe(h['machine'])}, "
+           f"rbee {safe(h['rbee_version'])})",
            backends_line(doc), devices_table(doc))
     _print(f"\n[bold]models[/] ({len(doc['models'])})")
     if doc["models"]:
@@ -108,8 +111,9 @@ def render_detect(doc: Doc) -> None:
 def render_catalog(doc: Doc) -> None:
     t = table("ID", "NAME", "SIZE", "HERE", "SOURCE")
     for m in doc["models"]:
-        t.add_row(m["id"], m["name"], human_bytes(m.get("size")) if m.get("size") else "",
-                  "yes" if m.get("downloaded") else "", m["source"])
+        t.add_row(cell(m["id"]), cell(m["name"]),
+                  cell(human_bytes(m.get("size")) if m.get("size") else ""),
+                  cell("yes" if m.get("downloaded") else ""), cell(m["source"]))
     _print(t)
 
 
@@ -122,16 +126,18 @@ def render_models(doc: Doc) -> None:
 
 def render_model(doc: Doc) -> None:
     g = doc.get("gguf") or {}
-    lines = [f"[bold]{doc['id']}[/]  {doc.get('name', '')}", f"source: {doc.get('source')}"]
+    lines = [f"[bold]{safe(doc['id'])}[/]  {safe(doc.get('name', ''))}",
+             f"source: {safe(doc.get('source'))}"]
     if doc.get("path"):
-        lines.append(f"path: {doc['path']}")
+        lines.append(f"path: {safe(doc['path'])}")
     if doc.get("size"):
         lines.append(f"size: {human_bytes(doc['size'])} ({doc['size']} bytes)")
     if doc.get("sha256"):
-        lines.append(f"sha256: {doc['sha256']}")
+        lines.append(f"sha256: {safe(doc['sha256'])}")
     if g:
-        lines.append(f"architecture: {g.get('architecture')}  parameters: "
-                     f"{human_params(g.get('parameters'))}  quantisation: {g.get('file_type')}")
+        lines.append(f"architecture: {safe(g.get('architecture'))}  parameters: "
+                     f"{human_params(g.get('parameters'))}  quantisation: "
+                     f"{safe(g.get('file_type'))}")
         lines.append(f"layers: {g.get('block_count')}  context: {g.get('context_length')}  "
                      f"heads: {g.get('head_count')}  KV heads: {g.get('head_count_kv')}")
     est = doc.get("estimate")
@@ -141,7 +147,7 @@ def render_model(doc: Doc) -> None:
                      f"{human_bytes(est['kv_bytes'])} KV cache + "
                      f"{human_bytes(est['overhead_bytes'])} overhead)")
     if "downloaded" in doc and not doc["downloaded"]:
-        lines.append("[dim]not on this host: `rbee-hive models download " + doc["id"] + "`[/]")
+        lines.append(f"[dim]not on this host: `rbee-hive models download {safe(doc['id'])}`[/]")
     if doc.get("already_present"):
         lines.append("[dim]already on this host[/]")
     elif doc.get("transferred_bytes") is not None and doc.get("resumed_from"):
@@ -151,16 +157,17 @@ def render_model(doc: Doc) -> None:
 
 
 def render_verify(doc: Doc) -> None:
-    _print(f"{doc['id']}: [green]ok[/] (sha256 {doc['sha256']})")
+    _print(f"{safe(doc['id'])}: [green]ok[/] (sha256 {safe(doc['sha256'])})")
 
 
 def render_removed(doc: Doc) -> None:
-    _print(f"removed {doc['id']} ({human_bytes(doc.get('freed_bytes'))} freed)")
+    _print(f"removed {safe(doc['id'])} ({human_bytes(doc.get('freed_bytes'))} freed)")
 
 
 def render_worker(doc: Doc) -> None:
-    _print(f"[bold]{doc['id']}[/] {doc['state']}  {doc['model']} on "
-           f"{doc['backend']}:{doc['device']}  {doc['url']}  pid {doc['pid']}")
+    _print(f"[bold]{safe(doc['id'])}[/] {safe(doc['state'])}  {safe(doc['model'])} on "
+           f"{safe(doc['backend'])}:{safe(doc['device'])}  {safe(doc['url'])}  "
+           f"pid {safe(doc['pid'])}")
 
 
 def render_workers(doc: Doc) -> None:
@@ -171,8 +178,9 @@ def render_workers(doc: Doc) -> None:
 
 
 def render_health(doc: Doc) -> None:
-    _print(f"{doc['worker_id']}: {doc['status']}  {doc['model']} on "
-           f"{doc['backend']}:{doc['device']}  ctx {doc['ctx']}  up {doc['uptime_s']:.0f}s")
+    _print(f"{safe(doc['worker_id'])}: {safe(doc['status'])}  {safe(doc['model'])} on "
+           f"{safe(doc['backend'])}:{safe(doc['device'])}  ctx {safe(doc['ctx'])}  "
+           f"up {doc['uptime_s']:.0f}s")
 
 
 def render_stopped(doc: Doc) -> None:
@@ -181,20 +189,22 @@ def render_stopped(doc: Doc) -> None:
         _print("[dim]No workers to stop.[/]")
     for s in stopped:
         how = f" ({s['signal']})" if s.get("signal") else " (was not running)"
-        _print(f"stopped {s['id']}{how}")
+        _print(f"stopped {safe(s['id'])}{how}")
 
 
 def render_token(doc: Doc) -> None:
-    _print(doc["token"])
+    console().print(clean(doc["token"]), markup=False)
 
 
 def render_git(doc: Doc) -> None:
-    lines = [f"{doc['path']}: {doc['branch']} @ {doc['commit'][:12]}"
+    lines = [f"{safe(doc['path'])}: {safe(doc['branch'])} @ {safe(doc['commit'][:12])}"
              + (" [yellow](uncommitted changes)[/]" if doc["dirty"] else "")]
     if doc.get("upstream"):
-        lines.append(f"upstream {doc['upstream']}: {doc['ahead']} ahead, {doc['behind']} behind")
+        lines.append(f"upstream {safe(doc['upstream'])}: {doc['ahead']} ahead, "
+                     f"{doc['behind']} behind")
     if "updated" in doc:
-        lines.append(f"updated {doc['before'][:12]} → {doc['after'][:12]}" if doc["updated"]
+        lines.append(f"updated {safe(doc['before'][:12])} → {safe(doc['after'][:12])}"
+                     if doc["updated"]
                      else "already up to date")
         if doc.get("reinstall_needed"):
             lines.append("[yellow]dependencies changed: run `pip install -e .` in the checkout[/]")
@@ -202,10 +212,12 @@ def render_git(doc: Doc) -> None:
 
 
 def render_logs(doc: Doc) -> None:
-    from rich.markup import escape
+    import sys
 
-    for line in doc["lines"]:
-        console().print(escape(line))
+    from rbee_common.textsafe import for_terminal
+
+    for line in doc["lines"]:  # exact when piped, neutralised on a terminal
+        sys.stdout.write(for_terminal(line, sys.stdout) + "\n")
 
 
 RENDERERS: dict[str, Callable[[Doc], None]] = {

@@ -11,6 +11,7 @@ from rbee_common.clikit import FormatOpt, VersionOpt, parse_devices, reporting, 
 from rbee_common.errors import UsageError
 from rbee_common.names import BACKENDS
 from rbee_common.output import Format, console, run_app, write_json
+from rbee_common.textsafe import for_terminal
 from rbee_keeper.cli_hosts import app as hosts_app
 from rbee_keeper.cli_jobs import app as jobs_app
 from rbee_keeper.cli_pool import pool
@@ -78,7 +79,7 @@ def infer(
     def on_text(t: str) -> None:
         printed.append(t)
         if fmt is Format.text:
-            sys.stdout.write(t)
+            sys.stdout.write(for_terminal(t, sys.stdout))
             sys.stdout.flush()
         elif fmt is Format.ndjson:
             write_json({"event": "token", "t": t})

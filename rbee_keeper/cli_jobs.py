@@ -9,6 +9,7 @@ import typer
 
 from rbee_common.clikit import FormatOpt
 from rbee_common.output import Format, emit, write_json
+from rbee_common.textsafe import for_terminal
 
 if TYPE_CHECKING:
     from rbee_keeper.queen_client import QueenClient
@@ -34,7 +35,7 @@ def _stream(client: QueenClient, job_id: str, fmt: Format) -> int:
     def on_text(t: str) -> None:
         printed.append(t)
         if fmt is Format.text:
-            sys.stdout.write(t)
+            sys.stdout.write(for_terminal(t, sys.stdout))
             sys.stdout.flush()
         elif fmt is Format.ndjson:
             write_json({"event": "token", "t": t})

@@ -9,6 +9,7 @@ import typer
 from rbee_common.clikit import reporting
 from rbee_common.errors import UsageError
 from rbee_common.output import EXIT_OK, Format, emit, write_json
+from rbee_common.textsafe import for_terminal
 
 USAGE = """Usage: rbee pool status [--host NAME ...] [--timeout S] [--format text|json]
        rbee pool <rbee-hive command> --host NAME [--format text|json|ndjson]
@@ -86,11 +87,12 @@ def _passthrough(name: str, rest: list[str], fmt: Format, accept_new: bool) -> i
     host = get_host(name)
     with Session(accept_new) as session:
         if "--help" in rest or "-h" in rest:
-            return pool.stream_on_host(host, rest, session, on_line=print)
+            return pool.stream_on_host(host, rest, session,
+                                       on_line=lambda line: print(for_terminal(line, sys.stdout)))
         if rest[:2] == ["worker", "logs"] and ({"--follow", "-f"} & set(rest)):
             def show(line: str) -> None:
                 if fmt is Format.text:
-                    print(line, flush=True)
+                    print(for_terminal(line, sys.stdout), flush=True)
                 else:
                     write_json({"event": "line", "line": line})
 

@@ -5,42 +5,41 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rich.markup import escape
-
 from rbee_common.estimate import human_bytes
 from rbee_common.output import console
+from rbee_common.textsafe import cell, clean, safe
 from rbee_hive.render import table
 
 Doc = dict[str, Any]
 
 
 def _error_line(err: Doc) -> str:
-    return f"[red]{err['code']}[/]: {escape(err['message'])}"
+    return f"[red]{safe(err['code'])}[/]: {safe(err['message'])}"
 
 
 def render_hosts(doc: Doc) -> None:
     con = console()
     t = table("NAME", "TRANSPORT", "SSH", "WORKERS AT", "HIVE", "ENV")
     for h in doc["hosts"]:
-        t.add_row(h["name"], h["transport"], h.get("ssh") or "", h["address"], h["hive"],
-                  ", ".join(h["env_keys"]))
+        t.add_row(cell(h["name"]), cell(h["transport"]), cell(h.get("ssh")), cell(h["address"]),
+                  cell(h["hive"]), cell(", ".join(h["env_keys"])))
     con.print(t)
     if not doc["exists"]:
-        con.print(f"[dim](no {escape(doc['file'])}: the controller itself is the pool; "
+        con.print(f"[dim](no {safe(doc['file'])}: the controller itself is the pool; "
                   "add hosts with `rbee hosts add NAME --ssh USER@HOST`)[/]")
 
 
 def render_host_changed(doc: Doc) -> None:
     verb = "added" if doc["action"] == "add" else "removed"
-    console().print(f"{verb} {doc['name']} ({escape(doc['file'])})")
+    console().print(f"{verb} {safe(doc['name'])} ({safe(doc['file'])})")
     if doc["action"] == "add":
-        console().print(f"[dim]check it with `rbee hosts check {doc['name']}`[/]")
+        console().print(f"[dim]check it with `rbee hosts check {safe(doc['name'])}`[/]")
 
 
 def _devices(status: Doc) -> str:
     available = {b["name"] for b in status["backends"] if b["available"]}
     return ", ".join(f"{d['backend']}:{d['index']} {human_bytes(d.get('memory_free'))} free"
-                     for d in status["devices"] if d["backend"] in available)
+                     for d in status["devices"] if d["backend"] in available)  # numbers only
 
 
 def render_pool_status(doc: Doc) -> None:
@@ -50,14 +49,14 @@ def render_pool_status(doc: Doc) -> None:
     for h in doc["hosts"]:
         took = f"{h['elapsed_ms'] / 1000:.1f}s"
         if not h["ok"]:
-            t.add_row(h["name"], "[red]error[/]", "", "", "", took)
-            problems.append(f"{h['name']}: {_error_line(h['error'])}")
+            t.add_row(cell(h["name"]), cell("error", "red"), "", "", "", took)
+            problems.append(f"{safe(h['name'])}: {_error_line(h['error'])}")
             continue
         st = h["status"]
         workers = st["workers"]
         summary = ", ".join(f"{w['id']} {w['state']} ({w['model']})" for w in workers) or "-"
-        t.add_row(h["name"], "[green]ok[/]", _devices(st),
-                  ", ".join(m["id"] for m in st["models"]) or "-", summary, took)
+        t.add_row(cell(h["name"]), cell("ok", "green"), cell(_devices(st)),
+                  cell(", ".join(m["id"] for m in st["models"]) or "-"), cell(summary), took)
     con.print(t)
     for p in problems:
         console(stderr=True).print(p)
@@ -69,30 +68,30 @@ def render_check(doc: Doc) -> None:
         steps = " ".join(f"{c['check']}:{'[green]ok[/]' if c['ok'] else '[red]fail[/]'}"
                          if c["ok"] is not None else f"[dim]{c['check']}:-[/]"
                          for c in h["checks"])
-        con.print(f"[bold]{h['name']}[/]  {steps}")
+        con.print(f"[bold]{safe(h['name'])}[/]  {steps}")
         if h["ok"]:
             st = h["status"]
-            con.print(f"  rbee {st['host']['rbee_version']} on {st['host']['hostname']}; "
-                      f"{_devices(st)}")
+            con.print(f"  rbee {safe(st['host']['rbee_version'])} on "
+                      f"{safe(st['host']['hostname'])}; {safe(_devices(st))}")
         else:
             con.print(f"  {_error_line(h['error'])}")
             if h["error"].get("hint"):
-                con.print(f"  [dim]Hint: {escape(h['error']['hint'])}[/]")
+                con.print(f"  [dim]Hint: {safe(h['error']['hint'])}[/]")
 
 
 def render_workers(doc: Doc) -> None:
     con = console()
     t = table("HOST", "ID", "STATE", "MODEL", "DEVICE", "URL")
     for w in doc["workers"]:
-        t.add_row(w["host"], w["id"], w["state"], w["model"], f"{w['backend']}:{w['device']}",
-                  w["url"])
+        t.add_row(cell(w["host"]), cell(w["id"]), cell(w["state"]), cell(w["model"]),
+                  cell(f"{w['backend']}:{w['device']}"), cell(w["url"]))
     if doc["workers"]:
         con.print(t)
     else:
         con.print("[dim]No workers.[/]")
     for h in doc["hosts"]:
         if not h["ok"]:
-            console(stderr=True).print(f"{h['name']}: {_error_line(h['error'])}")
+            console(stderr=True).print(f"{safe(h['name'])}: {_error_line(h['error'])}")
 
 
 def infer_summary(doc: Doc) -> str:
@@ -101,7 +100,8 @@ def infer_summary(doc: Doc) -> str:
     tps = t.get("tokens_per_sec")
     rate = f"{tps:.1f} tok/s · " if tps else ""
     return (f"[dim]{doc['tokens']} tokens · {rate}first token {t['ttft_ms']:.0f} ms · "
-            f"{doc['host']} {w['backend']}:{w['device']} {w['id']} ({doc['placement']['path']})"
+            f"{safe(doc['host'])} {safe(w['backend'])}:{safe(w['device'])} {safe(w['id'])} "
+            f"({safe(doc['placement']['path'])})"
             f" · {t['total_ms'] / 1000:.2f}s[/]")
 
 
@@ -111,10 +111,10 @@ def render_stopped_all(doc: Doc) -> None:
         con.print("[dim]No workers to stop.[/]")
     for s in doc["stopped"]:
         how = f" ({s['signal']})" if s.get("signal") else " (was not running)"
-        con.print(f"stopped {escape(s['id'])} on {escape(s['host'])}{how}")
+        con.print(f"stopped {safe(s['id'])} on {safe(s['host'])}{how}")
     for h in doc["hosts"]:
         if not h["ok"]:
-            console(stderr=True).print(f"{h['name']}: {_error_line(h['error'])}")
+            console(stderr=True).print(f"{safe(h['name'])}: {_error_line(h['error'])}")
 
 
 def render_queen(doc: Doc) -> None:
@@ -123,30 +123,30 @@ def render_queen(doc: Doc) -> None:
         con.print("queen: [dim]not running[/]" + (f" (stopped pid {doc['pid']})"
                                                  if doc.get("pid") else ""))
         return
-    con.print(f"queen: [green]running[/] on {escape(str(doc['url']))} (pid {doc['pid']}, "
-              f"since {doc.get('started_at')})")
+    con.print(f"queen: [green]running[/] on {safe(doc['url'])} (pid {doc['pid']}, "
+              f"since {safe(doc.get('started_at'))})")
     s = doc.get("summary")
     if s:
         con.print(f"  hosts {s['hosts_up']}/{s['hosts']} up · workers {s['workers']} · "
                   f"queued {s['queued']} · running {s['running']}")
     if doc.get("log"):
-        con.print(f"[dim]log: {escape(doc['log'])}; token: `rbee queen token`[/]")
+        con.print(f"[dim]log: {safe(doc['log'])}; token: `rbee queen token`[/]")
 
 
 def render_token_doc(doc: Doc) -> None:
-    console().print(doc["token"], markup=False)
+    console().print(clean(doc["token"]), markup=False)
 
 
 def render_job(doc: Doc) -> None:
     con = console()
-    con.print(f"[bold]{escape(doc['id'])}[/] {doc['state']}  {escape(doc['model'])}"
-              + (f"  on {escape(str(doc['host']))} {escape(str(doc.get('worker') or ''))}"
+    con.print(f"[bold]{safe(doc['id'])}[/] {safe(doc['state'])}  {safe(doc['model'])}"
+              + (f"  on {safe(doc['host'])} {safe(doc.get('worker') or '')}"
                  if doc.get("host") else "")
               + (f"  (position {doc['position']})" if doc.get("position") else ""))
     if doc.get("error"):
         con.print(f"  {_error_line(doc['error'])}")
     if doc.get("text"):
-        con.print(escape(doc["text"]))
+        con.print(clean(doc["text"]), markup=False)
 
 
 def render_jobs(doc: Doc) -> None:
@@ -157,10 +157,10 @@ def render_jobs(doc: Doc) -> None:
     t = table("ID", "STATE", "MODEL", "HOST", "TOKENS", "CREATED")
     for j in doc["tasks"]:
         created = time.strftime("%H:%M:%S", time.localtime(j["created"]))
-        t.add_row(escape(j["id"]), j["state"], escape(j["model"]), escape(str(j.get("host") or "")),
-                  str(j.get("tokens") or 0), created)
+        t.add_row(cell(j["id"]), cell(j["state"]), cell(j["model"]), cell(j.get("host")),
+                  cell(j.get("tokens") or 0), created)
     con.print(t)
 
 
 def render_submitted(doc: Doc) -> None:
-    console().print(doc["id"], markup=False)
+    console().print(clean(doc["id"]), markup=False)

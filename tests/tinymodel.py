@@ -5,7 +5,9 @@ embedding is a one-hot "slot" and the output matrix maps each slot to its succes
 generation is predictable whatever the sampling settings:
 
 - after any ordinary text the model spells the cycle "abcdefghijklmnopqrstuvwxyz " forever;
-- after "!" it writes "KO" and then end-of-sequence.
+- after "!" it writes "KO" and then end-of-sequence;
+- after "#" it writes the terminal escape sequence ESC "[2J" (clear screen), then
+  end-of-sequence: what a hostile model could print.
 
 That lets tests assert exact text, stop sequences, EOS and long streams (for cancelling).
 """
@@ -34,12 +36,15 @@ def successors() -> dict[int, int]:
     nxt[byte_token("!")] = byte_token("K")
     nxt[byte_token("K")] = byte_token("O")
     nxt[byte_token("O")] = EOS
+    for a, b in zip("#\x1b[2", "\x1b[2J", strict=True):
+        nxt[byte_token(a)] = byte_token(b)
+    nxt[byte_token("J")] = EOS
     return nxt
 
 
 def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
                      chat_template: str | None = None, quant: str | None = None,
-                     n_layers: int = N_LAYERS) -> Path:
+                     n_layers: int = N_LAYERS, name: str = "rbee-tiny-test") -> Path:
     """Write the model; `quant` ("Q8_0", "Q4_0", …) quantises the layers' matrices, which
     sends llama.cpp down its quantised kernels (where CPU-specific bugs live); `n_layers`
     makes it as deep as a real model (llama.cpp's load log grows with it)."""
@@ -71,7 +76,7 @@ def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("rbee-tiny-test")
+    w.add_name(name)
     w.add_context_length(context_length)
     w.add_embedding_length(N_EMBD)
     w.add_block_count(n_layers)
