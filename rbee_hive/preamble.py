@@ -31,6 +31,26 @@ def read_preamble() -> None:
         raise UsageError("--stdin-json: env must map variable names to strings")
     os.environ.update(env)
     _preamble.update(doc)
+    if doc.get("watch_stdin"):
+        _exit_when_stdin_closes()
+
+
+def _exit_when_stdin_closes() -> None:
+    """The controller keeps our stdin open while it waits for us; when it goes away (its
+    timeout, Ctrl+C, a dropped SSH connection) stdin closes and this command ends too,
+    instead of running on unseen on the host."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
 def stdin_token() -> str:

@@ -9,6 +9,7 @@ One SSH connection per host is opened per invocation and reused by all its comma
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -77,7 +78,9 @@ class HiveReply:
 
 def _drain(stream: Any, sink: list[bytes]) -> threading.Thread:
     def run() -> None:
-        sink.append(stream.read())
+        # a command that timed out or whose connection broke: the reader reports it
+        with contextlib.suppress(OSError, EOFError):
+            sink.append(stream.read())
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
@@ -207,6 +210,17 @@ def _harden(conn: Any, accept_new: bool) -> None:
         _harden(gateway, accept_new)
 
 
+def _quiet_paramiko() -> None:
+    """paramiko logs its transport thread's failures (with tracebacks) to stderr through the
+    root logger: rbee reports them as coded errors instead; RBEE_DEBUG=1 keeps them."""
+    if os.environ.get("RBEE_DEBUG") == "1":
+        return
+    plog = logging.getLogger("paramiko")
+    if not plog.handlers:
+        plog.addHandler(logging.NullHandler())
+    plog.propagate = False
+
+
 def _remote_command(host: HostConfig, args: list[str]) -> str:
     """The remote command line: every word quoted; a leading ~/ still means the home dir."""
     hive = host.hive_argv()
@@ -235,6 +249,7 @@ class SshTransport:
                 self._conn = None
             from fabric import Connection
 
+            _quiet_paramiko()
             target, user, port = self.host.ssh_target()
             timeout = self.host.connect_timeout
             last: RbeeError | None = None
@@ -275,6 +290,14 @@ class SshTransport:
             return HostUnreachable(f"{where}: no answer within {self.host.connect_timeout:g}s")
         if isinstance(e, paramiko.ssh_exception.NoValidConnectionsError):
             return HostUnreachable(f"{where}: connection refused")
+        said = str(e)
+        if "protocol banner" in said or "No existing session" in said:
+            # paramiko reports a server that accepts TCP and says nothing as "no session"
+            return HostUnreachable(
+                f"{where}: accepted the connection but did not speak SSH within "
+                f"{self.host.connect_timeout:g}s",
+                hint="Is that port an SSH server? Check the port in hosts.toml (ssh = "
+                     "\"user@host:port\") and try `ssh -p PORT host` by hand.")
         if isinstance(e, paramiko.SSHException | OSError | EOFError):
             return HostUnreachable(f"{where}: SSH failed: {e or type(e).__name__}")
         return HostUnreachable(f"{where}: {type(e).__name__}: {e}")
@@ -306,8 +329,10 @@ class SshTransport:
         try:
             chan.settimeout(timeout)
             chan.exec_command(command)
-            chan.sendall((json.dumps({"env": self.host.env, **(secrets or {})}) + "\n").encode())
-            chan.shutdown_write()
+            # stdin stays open while we wait: the hive ends itself when it closes (we gave
+            # up, or the connection dropped), rather than running on unseen
+            chan.sendall((json.dumps({"env": self.host.env, "watch_stdin": True,
+                                      **(secrets or {})}) + "\n").encode())
             err: list[bytes] = []
             drainer = _drain(chan.makefile_stderr("rb"), err)
             reply = HiveReply()
@@ -316,14 +341,13 @@ class SshTransport:
             reply.exit_code = chan.recv_exit_status()
             drainer.join(timeout=5)
         except TimeoutError as e:
-            chan.close()
             raise HostUnreachable(f"{self.host.name}: rbee-hive gave no answer within "
-                                  f"{timeout:g}s") from e
+                                  f"{timeout:g}s; stopped it") from e
         except (OSError, EOFError) as e:
-            chan.close()
             raise HostUnreachable(f"{self.host.name}: the SSH connection broke: {e}") from e
+        finally:
+            chan.close()  # the remote hive sees its stdin close and ends (Ctrl+C, timeout)
         reply.stderr = b"".join(err).decode("utf-8", errors="replace")
-        chan.close()
         if reply.exit_code == -1 and reply.result is None and reply.error is None:
             # paramiko's "no exit status": the connection went away while the command ran
             raise HostUnreachable(f"{self.host.name}: the SSH connection broke while "
