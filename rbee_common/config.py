@@ -42,8 +42,9 @@ def validate(model: type[T], data: Any, path: Path, text: str) -> T:
         line = locate_line(text, loc)
         field = ".".join(str(p) for p in loc)
         where = f"{path}:{line}" if line else str(path)
+        message = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigInvalid(
-            f"{where}: {field}: {first['msg']}", file=str(path), line=line, field=field
+            f"{where}: {field}: {message}", file=str(path), line=line, field=field
         ) from e
 
 
@@ -86,3 +87,24 @@ def toml_string(value: str) -> str:
     import json
 
     return json.dumps(value, ensure_ascii=False)
+
+
+def env_number(name: str, default: float, *, minimum: float = 0, integer: bool = True,
+               environ: dict[str, str] | None = None) -> float:
+    """A number from an RBEE_* variable, checked where it is read: CONFIG_INVALID naming the
+    variable and the value when it is not a number or is below `minimum`."""
+    import os
+
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or value != value:  # NaN is never a setting
+        kind = "a whole number" if integer else "a number"
+        raise ConfigInvalid(f"{name}={raw!r}: expected {kind} ≥ {minimum:g}",
+                            hint=f"Fix or unset {name} (in the environment, or in the host's "
+                                 "env in hosts.toml).", variable=name)
+    return value

@@ -9,7 +9,6 @@ Devices are compared with `free - reserve`, so the OS and other programs keep so
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,7 +20,9 @@ DEFAULT_CTX = 4096
 
 def reserve_bytes() -> int:
     """Memory left untouched on every device: RBEE_RESERVE_MIB, default 512 MiB."""
-    return int(os.environ.get("RBEE_RESERVE_MIB", "512")) * MiB
+    from rbee_common.config import env_number
+
+    return int(env_number("RBEE_RESERVE_MIB", 512)) * MiB
 
 
 @dataclass(frozen=True)

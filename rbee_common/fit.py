@@ -32,10 +32,10 @@ __all__ = ["DEFAULT_CTX", "Fit", "Room", "default_ctx", "fit", "held_bytes", "pr
 
 def ram_limit() -> int | None:
     """RBEE_MAX_RAM_MIB: the RAM this host's CPU workers may hold in all (None: no cap)."""
-    import os
+    from rbee_common.config import env_number
 
-    raw = os.environ.get("RBEE_MAX_RAM_MIB")
-    return None if not raw else int(raw) * 1024 * 1024
+    limit = env_number("RBEE_MAX_RAM_MIB", -1, minimum=1)
+    return None if limit < 0 else int(limit) * 1024 * 1024
 
 
 def default_ctx(trained: int | None) -> int:

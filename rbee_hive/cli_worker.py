@@ -21,17 +21,20 @@ IdArg = Annotated[str, typer.Argument(metavar="ID", help="Worker id (see `worker
 def spawn(
     backend: Annotated[Backend, typer.Argument(help="cpu, cuda or metal.")],
     model: Annotated[str, typer.Option("--model", help="A model on this host (id or reference).")],
-    device: Annotated[int, typer.Option(help="Device index of the backend.")] = 0,
-    port: Annotated[int | None, typer.Option(help="Port (default: a free one in 8001–8999).")]
+    device: Annotated[int, typer.Option(min=0, help="Device index of the backend.")] = 0,
+    port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Port (default: a free one in 8001–8999).")]
     = None,
-    ctx: Annotated[int | None, typer.Option(help="Context size (default: min(4096, trained)).")]
+    ctx: Annotated[int | None, typer.Option(
+        min=16, help="Context size (default: min(4096, trained)).")]
     = None,
     bind: Annotated[str | None, typer.Option(
         help="Address the worker listens on (default 127.0.0.1 or $RBEE_WORKER_BIND).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for the worker.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for the worker.")]
+    = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once started.")] = False,
     timeout: Annotated[float | None, typer.Option(
-        help="Seconds to wait for ready (default 120 or $RBEE_LOAD_TIMEOUT).")] = None,
+        min=0.1, help="Seconds to wait for ready (default 120 or $RBEE_LOAD_TIMEOUT).")] = None,
     token_stdin: Annotated[bool, typer.Option(
         "--token-stdin", help="Read the worker's bearer token from stdin's first line.")] = False,
     fmt: FormatOpt = Format.text,
@@ -87,7 +90,8 @@ def health(wid: IdArg, fmt: FormatOpt = Format.text) -> None:
 def logs(wid: IdArg,
          follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")]
          = False,
-         lines: Annotated[int, typer.Option("--lines", "-n", help="Lines of history.")] = 50,
+         lines: Annotated[int, typer.Option("--lines", "-n", min=0,
+                                            help="Lines of history.")] = 50,
          fmt: FormatOpt = Format.text) -> None:
     """Print a worker's log (stdout and stderr of its process).
 
@@ -115,7 +119,8 @@ def logs(wid: IdArg,
 def stop(wid: Annotated[str | None, typer.Argument(metavar="[ID]", help="Worker id.")] = None,
          all_: Annotated[bool, typer.Option("--all", help="Stop every worker of this host.")]
          = False,
-         timeout: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL.")]
+         timeout: Annotated[float, typer.Option(min=0,
+                                                help="Seconds between SIGTERM and SIGKILL.")]
          = 10.0,
          fmt: FormatOpt = Format.text) -> None:
     """Stop a worker (SIGTERM, then SIGKILL after --timeout) and remove its record.

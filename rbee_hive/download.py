@@ -50,7 +50,9 @@ class Remote:
 
 
 def default_retries() -> int:
-    return int(os.environ.get("RBEE_DOWNLOAD_RETRIES", "3"))
+    from rbee_common.config import env_number
+
+    return int(env_number("RBEE_DOWNLOAD_RETRIES", 3))
 
 
 def fetch(spec: ModelSpec, store: ModelStore, report: Reporter = null_reporter,

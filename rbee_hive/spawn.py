@@ -30,7 +30,9 @@ log = logging.getLogger("rbee.hive.spawn")
 
 
 def load_timeout() -> float:
-    return float(os.environ.get("RBEE_LOAD_TIMEOUT", "120"))
+    from rbee_common.config import env_number
+
+    return float(env_number("RBEE_LOAD_TIMEOUT", 120.0, minimum=0.1, integer=False))
 
 
 def model_estimate(model: dict[str, Any], ctx: int) -> Estimate:
@@ -75,6 +77,7 @@ def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = N
           timeout: float | None = None, token: str | None = None, threads: int | None = None,
           report: Reporter = null_reporter) -> dict[str, Any]:
     """Check, start and (unless wait=False) wait for a worker; return its record."""
+    timeout = timeout or load_timeout()  # a bad RBEE_LOAD_TIMEOUT refuses before any start
     model = ModelStore().require(model_ref)
     inventory = detect()
     reason = backend_reason(inventory, backend)
@@ -124,7 +127,7 @@ def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = N
         reg.save(record)
     if not wait:
         return record
-    return wait_ready(record, proc, timeout or load_timeout(), report)
+    return wait_ready(record, proc, timeout, report)
 
 
 def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, timeout: float,

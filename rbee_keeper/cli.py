@@ -45,13 +45,17 @@ def infer(
     backend: Annotated[str | None, typer.Option(help="cpu, cuda or metal.")] = None,
     device: Annotated[str | None, typer.Option(
         help="Device index, or several GPUs of one host to split across: 0,1.")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context size of a new worker.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
+    ctx: Annotated[int | None, typer.Option(min=16, help="Context size of a new worker.")]
+    = None,
+    max_tokens: Annotated[int, typer.Option(min=1, max=1_000_000,
+                                            help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, max=5.0,
+                                               help="Sampling temperature (0 = greedy).")]
     = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.95,
-    top_k: Annotated[int, typer.Option(help="Top-k sampling (0 = off).")] = 40,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling.")] = 0.95,
+    top_k: Annotated[int, typer.Option(min=0, help="Top-k sampling (0 = off).")] = 40,
+    seed: Annotated[int | None, typer.Option(min=0, max=2**32 - 1, help="Sampling seed.")]
+    = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     accept_new_host_key: AcceptNewOpt = False,
     fmt: FormatOpt = Format.text,

@@ -42,7 +42,12 @@ def _parse(args: list[str]) -> tuple[list[str], Format, float, bool, list[str]]:
                 raise UsageError(f"--format {value!r}: choose text, json or ndjson")
             fmt = Format(value)
         elif name == "--timeout":
-            timeout = float(value)
+            try:
+                timeout = float(value)
+            except ValueError:
+                timeout = -1.0
+            if not 0 < timeout <= 3600:
+                raise UsageError(f"--timeout {value!r}: give seconds, more than 0")
         elif arg == "--accept-new-host-key":
             accept_new = True
         else:

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rbee_common.config import load_toml, toml_string, validate
 from rbee_common.errors import ConfigInvalid, UsageError
@@ -22,6 +22,7 @@ from rbee_keeper.hostsfile import IMPLICIT, hosts_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # no NUL, newline or other controls
 
 
 class HostConfig(BaseModel):
@@ -43,23 +44,65 @@ class HostConfig(BaseModel):
     def _needs_ssh(self) -> HostConfig:
         if self.transport == "ssh" and not self.ssh:
             raise ValueError("an ssh host needs ssh = \"user@host[:port]\" (or an ssh alias)")
-        for key in self.env:
-            if not re.match(ENV_RE, key):
-                raise ValueError(f"env: {key!r} is not a variable name")
         return self
+
+    @field_validator("ssh")
+    @classmethod
+    def _ssh(cls, ssh: str | None) -> str | None:
+        if ssh is not None:
+            cls._parse_ssh(ssh)
+        return ssh
+
+    @field_validator("hive")
+    @classmethod
+    def _hive(cls, hive: str) -> str:
+        try:
+            words = shlex.split(hive)
+        except ValueError as e:
+            raise ValueError(f"{hive!r} cannot be split into words: {e}") from e
+        if not words or any(_UNSAFE.search(w) for w in words):
+            raise ValueError(f"{hive!r}: give the rbee-hive command (a path, maybe with "
+                             "arguments), without control characters")
+        return hive
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not re.match(ENV_RE, key):
+                raise ValueError(f"{key!r} is not a variable name")
+            if _UNSAFE.search(value) or len(value) > 8192:
+                raise ValueError(f"{key} holds control characters or is too long")
+        return env
+
+    @field_validator("address", "bind")
+    @classmethod
+    def _where(cls, value: str | None) -> str | None:
+        if value is not None and (not value or re.search(r"[\s\x00-\x1f]", value)):
+            raise ValueError(f"{value!r} is not a host name or address")
+        return value
+
+    @staticmethod
+    def _parse_ssh(ssh: str) -> tuple[str, str | None, int | None]:
+        user, at, rest = ssh.rpartition("@")
+        if at and not user:
+            raise ValueError(f"{ssh!r}: the user before @ is empty")
+        host, port = rest, None
+        if rest.startswith("["):  # [ipv6]:port
+            host, _, tail = rest[1:].partition("]")
+            port = tail[1:] if tail.startswith(":") else None
+        elif rest.count(":") == 1:
+            host, port = rest.split(":")
+        if not host:
+            raise ValueError(f"{ssh!r}: the host is empty")
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{ssh!r}: the port must be a number from 1 to 65535")
+        return host, user or None, int(port) if port is not None else None
 
     def ssh_target(self) -> tuple[str, str | None, int | None]:
         """(host, user, port) from `ssh = "user@host:port"`; None where not given."""
         assert self.ssh
-        user, _, rest = self.ssh.rpartition("@")
-        host, port = rest, None
-        if rest.startswith("["):  # [ipv6]:port
-            host, _, tail = rest[1:].partition("]")
-            port = int(tail[1:]) if tail.startswith(":") else None
-        elif rest.count(":") == 1:
-            host, p = rest.split(":")
-            port = int(p)
-        return host, user or None, port
+        return self._parse_ssh(self.ssh)
 
     def worker_address(self) -> str:
         """Where the controller reaches this host's workers."""
@@ -150,7 +193,10 @@ def new_host(name: str, *, ssh: str | None, local: bool, hive: str, address: str
         return HostConfig(name=name, transport="local" if local else "ssh", ssh=ssh, hive=hive,
                           address=address, env=pairs)
     except ValidationError as e:
-        raise UsageError(f"invalid host: {e.errors()[0]['msg']}") from e
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "host"
+        raise UsageError(f"invalid host: {field}: "
+                         f"{str(first['msg']).removeprefix('Value error, ')}") from e
 
 
 def hosts_document() -> dict[str, Any]:

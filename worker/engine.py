@@ -420,7 +420,7 @@ def default_threads(backend: str) -> int | None:
     RBEE_WORKER_THREADS of the host's env (several workers sharing a small box)."""
     if backend != Backend.cpu:
         return None
-    configured = os.environ.get("RBEE_WORKER_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return os.cpu_count() or None
+    from rbee_common.config import env_number
+
+    configured = int(env_number("RBEE_WORKER_THREADS", 0, minimum=1))
+    return configured or os.cpu_count() or None

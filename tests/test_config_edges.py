@@ -1,0 +1,92 @@
+"""Configuration and options are checked at the edge: a bad hosts.toml entry, a bad option
+or a bad RBEE_* variable is CONFIG_INVALID (with file and line) or USAGE at once — never
+INTERNAL, never a 120 s wait, and `hosts add` never writes what cannot be read back."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Env
+from tests.helpers import error_of, run
+
+BAD_HOSTS = [  # (hosts.toml text, line at fault, words the message must hold)
+    ('[hosts.a]\nssh = "me@h:22"\nhive = "rbee-hive \\"x"\n', 3, "split"),
+    ('[hosts.a]\nssh = "me@h:22"\nhive = ""\n', 3, "rbee-hive command"),
+    ('[hosts.a]\nssh = "h:abc"\n', 2, "port"),
+    ('[hosts.a]\nssh = "h:70000"\n', 2, "port"),
+    ('[hosts.a]\nssh = "@h"\n', 2, "user"),
+    ('[hosts.a]\nssh = ":22"\n', 2, "host is empty"),
+    ('[hosts.a]\n', 1, "needs ssh"),
+    ('[hosts.a]\nssh = "h"\nenv = { A = "b\\u0000c" }\n', 3, "control"),
+    ('[hosts.a]\nssh = "h"\naddress = "a b"\n', 3, "address"),
+    ('[hosts.a]\nssh = "h"\nconnect_timeout = -1\n', 3, "greater than"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "words"), BAD_HOSTS)
+def test_a_bad_hosts_toml_entry_names_file_and_line(rbee_env: Env, text: str, line: int,
+                                                    words: str) -> None:
+    (rbee_env.config / "hosts.toml").write_text(text)
+    r = run("rbee", "pool", "status", "--format", "json")
+    assert r.returncode == 1, r
+    err = error_of(r)
+    assert err["code"] == "CONFIG_INVALID", err
+    assert err["details"]["line"] == line and err["details"]["file"].endswith("hosts.toml")
+    assert words in err["message"], err
+
+
+@pytest.mark.parametrize("args", [
+    ["--ssh", "h:abc"], ["--ssh", "h", "--hive", ""], ["--ssh", "h", "--hive", '"x'],
+    ["--ssh", "h", "--env", "A=b\x01c"], ["--ssh", "h", "--address", "a b"],
+])
+def test_hosts_add_refuses_what_it_could_not_read_back(rbee_env: Env, args: list[str]) -> None:
+    r = run("rbee", "hosts", "add", "x", *args, "--format", "json")
+    assert r.returncode == 2 and error_of(r)["code"] == "USAGE", r
+    assert not (rbee_env.config / "hosts.toml").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["--port", "0"], ["--port", "70000"], ["--ctx", "-1"], ["--threads", "0"],
+    ["--timeout", "0"],
+])
+def test_worker_spawn_options_are_checked_before_anything_runs(rbee_env: Env,
+                                                               args: list[str]) -> None:
+    r = run("rbee-hive", "worker", "spawn", "cpu", "--model", "tiny", *args, "--format", "json",
+            timeout=20)
+    assert r.returncode == 2 and error_of(r)["code"] == "USAGE", r
+
+
+@pytest.mark.parametrize("args", [
+    ["pool", "status", "--timeout", "abc"], ["pool", "status", "--timeout", "0"],
+    ["infer", "-m", "tiny", "-p", "x", "--ctx", "-1"],
+    ["infer", "-m", "tiny", "-p", "x", "--max-tokens", "0"],
+    ["infer", "-m", "tiny", "-p", "x", "--temperature", "-1"],
+    ["infer", "-m", "tiny", "-p", "x", "--device", "a,b"],
+])
+def test_rbee_options_are_checked_before_anything_runs(rbee_env: Env, args: list[str]) -> None:
+    r = run("rbee", *args, "--format", "json", timeout=20)
+    assert r.returncode == 2 and error_of(r)["code"] == "USAGE", r
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("RBEE_RESERVE_MIB", "abc"), ("RBEE_RESERVE_MIB", "-5"), ("RBEE_MAX_RAM_MIB", "lots"),
+    ("RBEE_MAX_RAM_MIB", "0"),
+])
+def test_a_bad_rbee_variable_is_config_invalid_naming_it(rbee_env: Env, name: str,
+                                                        value: str) -> None:
+    r = run("rbee-hive", "status", "--format", "json", env={name: value})
+    assert r.returncode == 1, r
+    err = error_of(r)
+    assert err["code"] == "CONFIG_INVALID" and name in err["message"], err
+    assert err["details"]["variable"] == name
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("RBEE_LOAD_TIMEOUT", "soon"), ("RBEE_LOAD_TIMEOUT", "-1"),
+])
+def test_a_bad_load_timeout_is_config_invalid(tiny_registered: str, name: str,
+                                              value: str) -> None:
+    r = run("rbee-hive", "worker", "spawn", "cpu", "--model", "tiny", "--format", "json",
+            env={name: value}, timeout=30)
+    assert r.returncode == 1 and error_of(r)["code"] == "CONFIG_INVALID", r
+    assert run("rbee-hive", "worker", "list", "--format", "json").json()["workers"] == []
