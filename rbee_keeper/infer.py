@@ -256,10 +256,10 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
             busy.append(known)  # taken since /health said idle
             continue
         except WorkerCrashed as e:
+            cache.forget(known.id, known.host)
             if e.details.get("tokens"):
-                raise
-            cache.forget(known.id, known.host)  # died before saying anything: go cold
-            continue
+                raise crashed(e, known) from None
+            continue  # died before saying anything: go cold
         return document(Choice(known.model, worker=known), stream, known, {}, t0, job_id)
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import select
@@ -279,10 +279,18 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
             report({"event": "log", "message": f"rbee: waiting for busy worker {worker.id}"})
     try:
         stream = dispatch(worker, req, job_id, on_text, cancel_, wait=req.busy_wait)
-    except WorkerCrashed:
+    except WorkerCrashed as e:
         cache.forget(worker.id, worker.host)
-        raise
+        raise crashed(e, worker) from None
     return document(choice, stream, worker, ctx.timings, t0, job_id)
+
+
+def crashed(e: WorkerCrashed, worker: cache.KnownWorker) -> WorkerCrashed:
+    """The crash as the user can act on it: which worker, where its log is, what arrived."""
+    e.details.update(worker_id=worker.id, host=worker.host)
+    e.hint = (f"Read its log: rbee pool worker logs {worker.id} --host {worker.host}; the "
+              "next rbee infer starts a new worker.")
+    return e
 
 
 def _spec(ref: str) -> ModelSpec:

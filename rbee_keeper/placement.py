@@ -70,6 +70,15 @@ def need_for(spec: ModelSpec, statuses: Mapping[str, dict[str, Any] | RbeeError]
                                kv_per_token=m["kv_per_token"],
                                context_length=m["context_length"]), True
     if spec.source is None:
+        down = {name: s for name, s in statuses.items() if isinstance(s, RbeeError)}
+        if down:
+            names = ", ".join(f"{n} ({e.code})" for n, e in sorted(down.items()))
+            raise ModelNotFound(
+                f"no reachable host has a model {spec.id!r}, and it is not in the catalog; "
+                f"unreachable: {names}",
+                hint="The model may be on a host that did not answer: check it with "
+                     "`rbee hosts check NAME`, or name a source (hf:…, https://…, file:…).",
+                unreachable=sorted(down))
         raise ModelNotFound(f"no model {spec.id!r} in the catalog or on any host",
                             hint="See `rbee-hive models catalog`, import the file on a host "
                                  "(`rbee pool models import PATH --id ID --host NAME`), or name "

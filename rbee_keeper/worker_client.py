@@ -106,9 +106,10 @@ def _read_events(resp: http.client.HTTPResponse, out: Stream, on_text: Callable[
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise WorkerCrashed(f"the worker at {url} broke off the stream after {out.tokens} "
                             f"tokens: {e or type(e).__name__}", worker=url,
-                            tokens=out.tokens) from e
+                            tokens=out.tokens, text="".join(out.text)) from e
     raise WorkerCrashed(f"the worker at {url} closed the stream after {out.tokens} tokens "
-                        "without finishing", worker=url, tokens=out.tokens)
+                        "without finishing", worker=url, tokens=out.tokens,
+                        text="".join(out.text))
 
 
 def cancel(url: str, token: str, job_id: str) -> bool:

@@ -4,6 +4,8 @@ controller that gives up (Ctrl+C) while a remote command runs."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -143,3 +145,36 @@ def test_a_connection_that_drops_mid_command_is_host_unreachable(
     last = out.strip().splitlines()[-1]
     doc = error_of(Result([], 1, last, err))
     assert doc["code"] == "HOST_UNREACHABLE", doc
+
+
+def test_a_crash_keeps_the_partial_text_in_json_and_names_the_worker(
+        remote_worker: dict) -> None:
+    infer = popen("rbee", "infer", "-m", "tiny", "-p", "Hello", "--max-tokens", "30000",
+                  "--host", "h1", "--format", "json")
+    deadline = time.monotonic() + 20
+    while True:
+        health = run("rbee", "pool", "worker", "health", remote_worker["id"], "--host", "h1",
+                     "--format", "json").json()
+        if health.get("status") == "busy":
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.3)
+    os.kill(remote_worker["pid"], signal.SIGKILL)
+    out, err = infer.communicate(timeout=30)
+    assert infer.returncode == 1, (out, err)
+    doc = error_of(Result([], 1, out, err))
+    assert doc["code"] == "WORKER_CRASHED"
+    assert doc["details"]["text"].startswith("pqrstuvwxyz")
+    assert f"worker logs {remote_worker['id']} --host h1" in doc["hint"]
+
+
+def test_a_model_only_an_unreachable_host_has_names_that_host(remote_worker: dict,
+                                                              ssh_pool: SshPool) -> None:
+    run("rbee", "workers", "stop", "--all")
+    ssh_pool.hosts[0].sshd.stop()
+    r = run("rbee", "infer", "-m", "tiny", "-p", "Hello", "--format", "json")
+    assert r.returncode == 1, r
+    err = error_of(r)
+    assert err["code"] == "MODEL_NOT_FOUND" and "h1 (HOST_UNREACHABLE)" in err["message"]
+    assert err["details"]["unreachable"] == ["h1"]
