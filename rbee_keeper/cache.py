@@ -6,14 +6,16 @@ only a hint: it is checked with GET /health before use and dropped when stale.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rbee_common.files import atomic_write_json, locked, read_json
+from rbee_common.files import atomic_write_json, locked, read_json, set_aside
 from rbee_common.paths import config_dir
 
 SCHEMA = "rbee.keeper.workers/v1"
+log = logging.getLogger("rbee.keeper.cache")
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,22 @@ def cache_path() -> Path:
 
 
 def load() -> list[KnownWorker]:
-    doc = read_json(cache_path(), default={}) or {}
+    """The known workers; a damaged file is set aside (named in a warning), a damaged entry
+    skipped: it is only a hint, never worth failing a command over."""
+    path = cache_path()
+    doc = read_json(path, default={}) or {}
+    workers = doc.get("workers") if isinstance(doc, dict) else None
+    if not isinstance(workers, list):
+        if path.exists():
+            aside = set_aside(path)
+            log.warning("%s is not a worker list; set it aside as %s", path, aside)
+        return []
     out = []
-    for w in doc.get("workers", []):
+    for w in workers:
         try:
             out.append(KnownWorker(**{**w, "devices": tuple(w.get("devices") or ())}))
-        except TypeError:
-            continue  # an entry from another version: ignore it
+        except (TypeError, AttributeError):
+            continue  # damaged, or from another version: ignore it
     return out
 
 

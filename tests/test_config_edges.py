@@ -90,3 +90,18 @@ def test_a_bad_load_timeout_is_config_invalid(tiny_registered: str, name: str,
             env={name: value}, timeout=30)
     assert r.returncode == 1 and error_of(r)["code"] == "CONFIG_INVALID", r
     assert run("rbee-hive", "worker", "list", "--format", "json").json()["workers"] == []
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"workers": 7}',
+                                     '{"workers": [3, {"id": 1}, null]}'])
+def test_a_damaged_workers_json_is_set_aside_never_fatal(rbee_env: Env, tiny_registered: str,
+                                                         content: str) -> None:
+    (rbee_env.config / "workers.json").write_text(content)
+    r = run("rbee", "infer", "-m", "tiny", "-p", "Hello", "--max-tokens", "3",
+            "--temperature", "0", "--format", "json")
+    assert r.returncode == 0, r
+    assert r.json()["text"] == "pqr"
+    if not content.startswith('{"workers": ['):
+        aside = list(rbee_env.config.glob("workers.json.corrupt-*"))
+        assert aside and aside[0].read_text() == content
+        assert "workers.json" in r.stderr  # the warning names the file
