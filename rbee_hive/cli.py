@@ -40,10 +40,10 @@ def status(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive status --format json | jq '.workers[].state'
     """
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_status
-    from rbee_hive.status import status as host_status
 
-    emit(host_status(), fmt, render_status)
+    emit(hive().status(), fmt, render_status)
 
 
 @app.command()
@@ -52,10 +52,10 @@ def detect(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive detect --format json
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_detect
 
-    emit(documents.detect(), fmt, render_detect)
+    emit(hive().detect(), fmt, render_detect)
 
 
 @git_app.command("status")
