@@ -8,6 +8,7 @@ import typer
 
 from rbee_common.clikit import FormatOpt, VersionOpt, root_app
 from rbee_common.output import Format, emit, run_app
+from rbee_hive.cli_daemon import app as daemon_app
 from rbee_hive.cli_models import app as models_app
 from rbee_hive.cli_worker import app as worker_app
 
@@ -15,6 +16,7 @@ app = root_app("rbee-hive",
                "Models, GPU inventory and workers of this host (rbee's per-host half).")
 app.add_typer(models_app, name="models")
 app.add_typer(worker_app, name="worker")
+app.add_typer(daemon_app, name="daemon")
 git_app = typer.Typer(help="Update the rbee checkout this hive runs from.", no_args_is_help=True)
 app.add_typer(git_app, name="git")
 

@@ -1,8 +1,11 @@
 """What each `rbee-hive` command does, as one interface with the documents it returns.
 
-`InProcess` does the work here, through the core modules. The CLI gets its implementation
-from `hive()` and never knows which one it has, so every command prints the same document
-however it was done. Importing this module costs nothing: `rbee-hive status` runs through it.
+`InProcess` does the work here, through the core modules; `DaemonHive`
+(rbee_hive.daemon.client) asks this host's pool daemon to, so that while a daemon runs every
+change to the registry goes through it and two clients never race. The CLI gets its
+implementation from `hive()` and never knows which one it has: every command prints the same
+document, with the same progress and exit code, either way. Importing this module costs
+nothing: `rbee-hive status` runs through it.
 """
 
 from __future__ import annotations
@@ -154,6 +157,33 @@ class InProcess:
         return documents.worker_token(wid)
 
 
+class DaemonFirst:
+    """The pool daemon; in this process instead when nothing listens at its address (it is
+    stopping, or died without clearing its state file): nothing was sent, so nothing races."""
+
+    def __init__(self, daemon: HiveOps) -> None:
+        self.daemon = daemon
+        self.local = InProcess()
+
+    def __getattr__(self, name: str) -> Any:
+        via, local = getattr(self.daemon, name), getattr(self.local, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            from rbee_common.api import DaemonConnectionLost, DaemonUnreachable
+
+            try:
+                return via(*args, **kwargs)
+            except DaemonConnectionLost:
+                raise
+            except DaemonUnreachable:
+                return local(*args, **kwargs)
+
+        return call
+
+
 def hive() -> HiveOps:
-    """How this command reaches the host's hive."""
-    return InProcess()
+    """This host's pool daemon when one runs here, else the core modules in this process."""
+    from rbee_hive.daemon.client import running_daemon
+
+    daemon = running_daemon()
+    return InProcess() if daemon is None else DaemonFirst(daemon)

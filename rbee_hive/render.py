@@ -201,6 +201,27 @@ def render_git(doc: Doc) -> None:
     _print(*lines)
 
 
+def render_daemon(doc: Doc) -> None:
+    from rich.markup import escape
+
+    if not doc["running"]:
+        stopped = f" (stopped pid {doc['pid']}, {doc['signal']})" if doc.get("signal") else ""
+        _print(f"pool daemon: [dim]not running[/]{stopped}")
+        return
+    _print(f"pool daemon: [green]running[/] on {escape(str(doc['url']))} (pid {doc['pid']}, "
+           f"since {doc['started_at']})")
+    health = doc.get("health") or {}
+    queen = health.get("queen")
+    if queen:
+        said = ("[green]ok[/]" if queen.get("last_error") is None and queen.get("sent")
+                else f"[red]{escape(str(queen.get('last_error') or 'none sent yet'))}[/]")
+        _print(f"heartbeats to {escape(str(queen['url']))} as {escape(str(queen['host']))}: "
+               f"{said} ({queen['sent']} sent, {queen['failed']} failed)")
+    elif doc.get("queen_url"):
+        _print(f"heartbeats to {escape(str(doc['queen_url']))}")
+    _print(f"[dim]log: {escape(str(doc['log']))}; token: `rbee-hive daemon token`[/]")
+
+
 def render_logs(doc: Doc) -> None:
     from rich.markup import escape
 
@@ -223,6 +244,8 @@ RENDERERS: dict[str, Callable[[Doc], None]] = {
     schemas.TOKEN: render_token,
     schemas.GIT: render_git,
     schemas.LOGS: render_logs,
+    schemas.DAEMON: render_daemon,
+    schemas.DAEMON_TOKEN: render_token,
 }
 
 
