@@ -219,6 +219,9 @@ def render_daemon(doc: Doc) -> None:
                f"{said} ({queen['sent']} sent, {queen['failed']} failed)")
     elif doc.get("queen_url"):
         _print(f"heartbeats to {escape(str(doc['queen_url']))}")
+    if doc.get("controller_url"):
+        reach = "" if doc.get("reachable") else " [red](it does not answer there yet)[/]"
+        _print(f"this controller reaches it at {escape(str(doc['controller_url']))}{reach}")
     _print(f"[dim]log: {escape(str(doc['log']))}; token: `rbee-hive daemon token`[/]")
 
 
