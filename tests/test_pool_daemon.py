@@ -27,6 +27,12 @@ from tests.hubserver import HubServer
 from tests.sshd import free_port
 
 REPO = "rbee-test/Tiny-GGUF"
+# the keys of the daemon's documents, pinned as tests/test_contracts.py pins the others'
+DAEMON_DOC = ["bind", "health", "log", "pid", "port", "queen_url", "running", "schema",
+              "signal", "started_at", "url"]
+DAEMON_HEALTH = ["queen", "rbee_home", "schema", "status", "uptime_s", "url", "version",
+                 "watch"]
+QUEEN_LINK = ["failed", "host", "last_error", "last_ok_at", "sent", "url"]
 
 
 @dataclass
@@ -108,6 +114,7 @@ def test_start_status_token_stop_and_the_files_it_keeps(rbee_env: Env) -> None:
     assert never.returncode == 1 and error_of(never)["code"] == "DAEMON_NOT_RUNNING"
     down = run("rbee-hive", "daemon", "status", "--format", "json")
     assert down.returncode == 0 and down.json()["running"] is False
+    assert sorted(down.json()) == DAEMON_DOC
 
     port = free_port("127.0.0.1")
     started = run("rbee-hive", "daemon", "start", "--port", str(port))
@@ -119,6 +126,7 @@ def test_start_status_token_stop_and_the_files_it_keeps(rbee_env: Env) -> None:
 
     doc = run("rbee-hive", "daemon", "status", "--format", "json").json()
     assert doc["schema"] == "rbee.hive.daemon/v1" and doc["running"] is True
+    assert sorted(doc) == DAEMON_DOC and sorted(doc["health"]) == DAEMON_HEALTH
     assert (doc["url"], doc["port"], doc["bind"]) == (f"http://127.0.0.1:{port}", port,
                                                       "127.0.0.1")
     assert doc["health"]["status"] == "ok" and doc["health"]["queen"] is None
@@ -133,6 +141,7 @@ def test_start_status_token_stop_and_the_files_it_keeps(rbee_env: Env) -> None:
     stopped = run("rbee-hive", "daemon", "stop", "--format", "json")
     assert stopped.returncode == 0, stopped
     assert stopped.json()["running"] is False and stopped.json()["signal"] == "SIGTERM"
+    assert sorted(stopped.json()) == DAEMON_DOC
     assert not pid_alive(doc["pid"])
     assert not (home / "pool-daemon.json").exists()
     assert "pool daemon stopped" in (home / "pool-daemon.log").read_text()  # a clean exit
@@ -375,6 +384,35 @@ def test_hive_commands_go_through_a_running_daemon_and_work_again_after_it_stops
     assert after.json()["id"] in [w["id"] for w in listed["workers"]]
 
 
+def test_a_daemon_that_does_not_listen_is_passed_by(tiny_registered: str,
+                                                     rbee_env: Env) -> None:
+    # a state file whose pid lives (this test's) but whose address refuses connections: the
+    # daemon is going away; the command runs here rather than failing
+    home = rbee_env.rbee_home
+    (home / "pool-daemon.token").write_text("x" * 40 + "\n")
+    (home / "pool-daemon.json").write_text(json.dumps({
+        "pid": os.getpid(), "url": "http://127.0.0.1:9", "local_url": "http://127.0.0.1:9",
+        "port": 9, "bind": "127.0.0.1"}))
+    r = run("rbee-hive", "models", "list", "--format", "json")
+    assert r.returncode == 0, r
+    assert [m["id"] for m in r.json()["models"]] == ["tiny"]
+
+
+def test_concurrent_spawns_through_the_daemon_get_their_own_ports(tiny_registered: str,
+                                                                  hive_daemon: Daemon) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"backend": "cpu", "model": "tiny", "ctx": 256, "wait": False}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: hive_daemon.post("/v2/workers/start", body),
+                                range(4)))
+    assert [a.status_code for a in answers] == [200] * 4
+    records = [a.json() for a in answers]
+    assert len({r["port"] for r in records}) == 4 and len({r["id"] for r in records}) == 4
+    stopped = hive_daemon.post("/v2/workers/stop", {"all": True, "timeout": 3}).json()
+    assert len(stopped["stopped"]) == 4
+
+
 def test_status_through_the_daemon_imports_no_heavy_library(tiny_registered: str,
                                                             hive_daemon: Daemon) -> None:
     code = ("import sys; from rbee_hive.ops import hive; h = hive(); doc = h.status(); "
@@ -471,6 +509,7 @@ def test_heartbeats_reach_the_queen_at_once_on_a_change_and_survive_it_going_dow
         assert state.returncode == 0 and state.json()["workers"] == []
         wait_until("the failure in the log", lambda: "heartbeat to the queen" in d.log())
         status = run("rbee-hive", "daemon", "status", "--format", "json").json()
+        assert sorted(status["health"]["queen"]) == QUEEN_LINK
         assert status["health"]["queen"]["failed"] >= 1
         assert status["health"]["queen"]["last_error"]
         before = len(fake_queen.beats)
@@ -514,6 +553,7 @@ def test_the_controller_uses_a_hosts_daemon_and_falls_back_to_ssh_when_it_stops(
     (h1,) = ssh_daemons.start(1)
     doc = daemon_start_on(h1)
     assert doc["schema"] == "rbee.hive.daemon/v1" and doc["running"] is True
+    assert sorted(doc) == sorted([*DAEMON_DOC, "controller_url", "host", "reachable"])
     assert doc["bind"] == h1.sshd.address  # where this controller reaches the host's workers
     assert doc["controller_url"] == f"http://{h1.sshd.address}:{doc['port']}"
     assert doc["reachable"] is True
