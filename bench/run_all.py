@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["startup", "spawn", "stream", "e2e", "fanout", "download"]
+BENCHMARKS = ["startup", "spawn", "stream", "e2e", "fanout", "download", "daemon"]
 
 
 def main() -> None:

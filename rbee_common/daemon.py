@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,6 +192,33 @@ def stop(files: DaemonFiles, grace: float = 10.0) -> dict[str, Any]:
     with contextlib.suppress(FileNotFoundError):
         files.state_path.unlink()
     return {**state, "signal": used}
+
+
+def url_of(bind: str, port: int) -> str:
+    """Where others reach a daemon listening on `bind` (all addresses: this host's name)."""
+    host = {"0.0.0.0": socket.gethostname(), "::": socket.gethostname()}.get(bind, bind)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def local_url(bind: str, port: int) -> str:
+    """Where this machine reaches a daemon listening on `bind` (for health checks)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind, bind)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def listen(bind: str, port: int) -> socket.socket:
+    """A listening socket, made before the server starts so a taken port fails the start."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind, port))
+    except OSError as e:
+        sock.close()
+        raise DaemonStartFailed(f"cannot listen on {bind}:{port}: {e.strerror}",
+                                hint="Choose another --port, or stop what uses it.") from e
+    sock.listen(256)
+    return sock
 
 
 def own_argv(module: str, *args: str) -> list[str]:

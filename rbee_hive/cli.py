@@ -8,6 +8,7 @@ import typer
 
 from rbee_common.clikit import FormatOpt, VersionOpt, root_app
 from rbee_common.output import Format, emit, run_app
+from rbee_hive.cli_daemon import app as daemon_app
 from rbee_hive.cli_models import app as models_app
 from rbee_hive.cli_worker import app as worker_app
 
@@ -15,6 +16,7 @@ app = root_app("rbee-hive",
                "Models, GPU inventory and workers of this host (rbee's per-host half).")
 app.add_typer(models_app, name="models")
 app.add_typer(worker_app, name="worker")
+app.add_typer(daemon_app, name="daemon")
 git_app = typer.Typer(help="Update the rbee checkout this hive runs from.", no_args_is_help=True)
 app.add_typer(git_app, name="git")
 
@@ -40,10 +42,10 @@ def status(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive status --format json | jq '.workers[].state'
     """
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_status
-    from rbee_hive.status import status as host_status
 
-    emit(host_status(), fmt, render_status)
+    emit(hive().status(), fmt, render_status)
 
 
 @app.command()
@@ -52,10 +54,10 @@ def detect(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive detect --format json
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_detect
 
-    emit(documents.detect(), fmt, render_detect)
+    emit(hive().detect(), fmt, render_detect)
 
 
 @git_app.command("status")

@@ -21,10 +21,10 @@ def catalog(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive models catalog
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_catalog
 
-    emit(documents.catalog(), fmt, render_catalog)
+    emit(hive().catalog(), fmt, render_catalog)
 
 
 @app.command("list")
@@ -33,10 +33,10 @@ def list_(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive models list --format json
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_models
 
-    emit(documents.models(), fmt, render_models)
+    emit(hive().models(), fmt, render_models)
 
 
 @app.command()
@@ -47,10 +47,10 @@ def info(ref: Annotated[str, typer.Argument(help="Catalog id, hf:…, https://�
 
     Example: rbee-hive models info tinyllama --ctx 8192
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_model
 
-    emit(documents.model_info(ref, ctx), fmt, render_model)
+    emit(hive().model_info(ref, ctx), fmt, render_model)
 
 
 @app.command()
@@ -67,11 +67,11 @@ def download(ref: Annotated[str, typer.Argument(help="Catalog id, hf:…, https:
       rbee-hive models download tinyllama
       rbee-hive models download hf:Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_model
 
     with reporting(fmt) as report:
-        doc = documents.download(ref, model_id, sha256, retries, report)
+        doc = hive().download(ref, model_id, sha256, retries, report)
     emit(doc, fmt, render_model)
 
 
@@ -85,11 +85,11 @@ def import_(path: Annotated[Path, typer.Argument(help="A GGUF file already on th
 
     Example: rbee-hive models import ~/Downloads/gemma-3-270m-q4_k_m.gguf --id gemma3-270m
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_model
 
     with reporting(fmt) as report:
-        doc = documents.import_model(path, model_id, copy, report)
+        doc = hive().import_model(path, model_id, copy, report)
     emit(doc, fmt, render_model)
 
 
@@ -100,11 +100,11 @@ def verify(model_id: Annotated[str, typer.Argument(metavar="ID")],
 
     Example: rbee-hive models verify tinyllama
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_verify
 
     with reporting(fmt) as report:
-        doc = documents.verify(model_id, report)
+        doc = hive().verify(model_id, report)
     emit(doc, fmt, render_verify)
 
 
@@ -116,7 +116,7 @@ def rm(model_id: Annotated[str, typer.Argument(metavar="ID")],
 
     Example: rbee-hive models rm tinyllama
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_removed
 
-    emit(documents.remove(model_id, force), fmt, render_removed)
+    emit(hive().remove(model_id, force), fmt, render_removed)

@@ -45,8 +45,8 @@ def spawn(
       rbee-hive worker spawn cpu --model gemma3-270m
       rbee-hive worker spawn cuda --model tinyllama --device 1 --ctx 8192
     """
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_worker
-    from rbee_hive.spawn import spawn as spawn_worker
 
     token = None
     if token_stdin:
@@ -56,7 +56,7 @@ def spawn(
         if len(token) < 16:
             raise UsageError("--token-stdin needs a token of at least 16 characters on stdin")
     with reporting(fmt) as report:
-        record = spawn_worker(backend.value, model, device=device, port=port, ctx=ctx, bind=bind,
+        record = hive().spawn(backend.value, model, device=device, port=port, ctx=ctx, bind=bind,
                               wait=not no_wait, timeout=timeout, token=token, threads=threads,
                               report=report)
     emit(record, fmt, render_worker)
@@ -68,10 +68,10 @@ def list_(fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive worker list --format json
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_workers
 
-    emit(documents.workers(), fmt, render_workers)
+    emit(hive().workers(), fmt, render_workers)
 
 
 @app.command()
@@ -80,10 +80,10 @@ def health(wid: IdArg, fmt: FormatOpt = Format.text) -> None:
 
     Example: rbee-hive worker health cpu0-1a2b3c
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_health
 
-    emit(documents.worker_health(wid), fmt, render_health)
+    emit(hive().worker_health(wid), fmt, render_health)
 
 
 @app.command()
@@ -97,22 +97,25 @@ def logs(wid: IdArg,
 
     Example: rbee-hive worker logs cpu0-1a2b3c --follow
     """
-    from rbee_hive.worker_logs import follow_log
+    from rbee_common.textsafe import for_terminal
+    from rbee_hive.ops import hive
 
-    if fmt is Format.text:
-        from rbee_common.textsafe import for_terminal
-
-        for line in follow_log(wid, lines, follow):
+    ops = hive()
+    if follow:
+        for line in ops.follow_logs(wid, lines):
+            if fmt is Format.text:
+                sys.stdout.write(for_terminal(line, sys.stdout) + "\n")
+                sys.stdout.flush()
+            else:
+                write_json({"event": "line", "line": line})
+    elif fmt is Format.text:
+        for line in ops.worker_logs(wid, lines)["lines"]:
             sys.stdout.write(for_terminal(line, sys.stdout) + "\n")
-            sys.stdout.flush()
-    elif follow:
-        for line in follow_log(wid, lines, follow):
-            write_json({"event": "line", "line": line})
+        sys.stdout.flush()
     else:
-        from rbee_hive import documents
         from rbee_hive.render import render_logs
 
-        emit(documents.worker_logs(wid, lines), fmt, render_logs)
+        emit(ops.worker_logs(wid, lines), fmt, render_logs)
 
 
 @app.command()
@@ -129,18 +132,17 @@ def stop(wid: Annotated[str | None, typer.Argument(metavar="[ID]", help="Worker 
       rbee-hive worker stop cpu0-1a2b3c
       rbee-hive worker stop --all
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_stopped
-    from rbee_hive.workers import stop as stop_worker
 
     if all_ == (wid is not None):
         raise UsageError("give a worker ID or --all (not both)",
                          hint="Run `rbee-hive worker list` to see the ids.")
     if all_:
-        emit(documents.stop_all(timeout), fmt, render_stopped)
+        emit(hive().stop_all(timeout), fmt, render_stopped)
     else:
         assert wid is not None
-        emit(stop_worker(wid, timeout), fmt, render_stopped)
+        emit(hive().stop(wid, timeout), fmt, render_stopped)
 
 
 @app.command()
@@ -149,7 +151,7 @@ def token(wid: IdArg, fmt: FormatOpt = Format.text) -> None:
 
     Example: curl -H "Authorization: Bearer $(rbee-hive worker token ID)" URL/v1/models
     """
-    from rbee_hive import documents
+    from rbee_hive.ops import hive
     from rbee_hive.render import render_token
 
-    emit(documents.worker_token(wid), fmt, render_token)
+    emit(hive().worker_token(wid), fmt, render_token)

@@ -43,10 +43,12 @@ def _exit_when_stdin_closes() -> None:
     import threading
 
     def watch() -> None:
+        # the raw descriptor, not sys.stdin: a thread blocked inside a buffered reader holds
+        # its lock, and the interpreter aborts when it cannot take that lock at exit
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(0, 4096):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 

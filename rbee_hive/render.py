@@ -211,6 +211,28 @@ def render_git(doc: Doc) -> None:
     _print(*lines)
 
 
+def render_daemon(doc: Doc) -> None:
+    if not doc["running"]:
+        stopped = f" (stopped pid {doc['pid']}, {doc['signal']})" if doc.get("signal") else ""
+        _print(f"pool daemon: [dim]not running[/]{stopped}")
+        return
+    _print(f"pool daemon: [green]running[/] on {safe(doc['url'])} (pid {doc['pid']}, "
+           f"since {safe(doc['started_at'])})")
+    health = doc.get("health") or {}
+    queen = health.get("queen")
+    if queen:
+        said = ("[green]ok[/]" if queen.get("last_error") is None and queen.get("sent")
+                else f"[red]{safe(queen.get('last_error') or 'none sent yet')}[/]")
+        _print(f"heartbeats to {safe(queen['url'])} as {safe(queen['host'])}: "
+               f"{said} ({queen['sent']} sent, {queen['failed']} failed)")
+    elif doc.get("queen_url"):
+        _print(f"heartbeats to {safe(doc['queen_url'])}")
+    if doc.get("controller_url"):
+        reach = "" if doc.get("reachable") else " [red](it does not answer there yet)[/]"
+        _print(f"this controller reaches it at {safe(doc['controller_url'])}{reach}")
+    _print(f"[dim]log: {safe(doc['log'])}; token: `rbee-hive daemon token`[/]")
+
+
 def render_logs(doc: Doc) -> None:
     import sys
 
@@ -235,6 +257,8 @@ RENDERERS: dict[str, Callable[[Doc], None]] = {
     schemas.TOKEN: render_token,
     schemas.GIT: render_git,
     schemas.LOGS: render_logs,
+    schemas.DAEMON: render_daemon,
+    schemas.DAEMON_TOKEN: render_token,
 }
 
 

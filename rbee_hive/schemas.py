@@ -34,6 +34,9 @@ STOPPED = schema("stopped")
 TOKEN = schema("worker-token")
 LOGS = schema("logs")
 GIT = schema("git")
+DAEMON = schema("daemon")
+DAEMON_TOKEN = schema("daemon-token")
+DAEMON_HEALTH = schema("daemon-health")
 
 # Worker states in the registry and in `worker list` (their one home is rbee_common.names).
 LOADING, READY, BUSY = WorkerState.loading, WorkerState.ready, WorkerState.busy

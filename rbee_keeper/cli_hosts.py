@@ -83,12 +83,13 @@ def check(
       rbee hosts check mac --accept-new-host-key
     """
     from rbee_keeper.fanout import exit_code
-    from rbee_keeper.hive import Session
+    from rbee_keeper.hive import Session, command_hive
     from rbee_keeper.hosts import select
     from rbee_keeper.pool import check_hosts
     from rbee_keeper.render import render_check
 
-    with Session(accept_new_host_key) as session:
+    # a preflight of the way every host is reached: SSH (or local), never a pool daemon
+    with Session(accept_new_host_key, factory=command_hive) as session:
         doc = check_hosts(select(None if all_ else names), session, timeout)
     emit(doc, fmt, render_check)
     return exit_code(doc["status"])

@@ -22,6 +22,7 @@ Examples:
   rbee pool models download tinyllama --host mac
   rbee pool worker spawn cuda --model tinyllama --device 1 --host workstation
   rbee pool worker logs cuda1-3f2a1c --follow --host workstation
+  rbee pool daemon start --host workstation    # from then on reached over HTTP, not SSH
 """
 
 

@@ -1,19 +1,23 @@
 """The keeper's client of one host's hive: typed calls, several ways to reach it.
 
 Callers see `HiveClient` only — `status()`, `download()`, `spawn()`, `stop()`, `token()`,
-`logs()` — and never build an argument list. Today two implementations run `rbee-hive …
+`logs()` — and never build an argument list. Two implementations run `rbee-hive …
 --format ndjson` as a command: `LocalHive` (a subprocess of this controller) and `SshHive`
-(over one SSH connection per host). A client of the pool daemon's HTTP API is a third
-implementation of the same interface (fabric's `Connection`: same calls, local or remote).
+(over one SSH connection per host); `HttpHive` (rbee_keeper.hive_http) calls the host's pool
+daemon. `make_hive` gives a `RoutedHive`, which picks the daemon when this controller
+started one there and it answers, else the command transport — on every call (fabric's
+`Connection`: same calls, local or remote).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from rbee_common.api import DaemonConnectionLost, DaemonUnreachable
 from rbee_common.errors import RbeeError, RemoteError
 from rbee_common.progress import Reporter
 from rbee_hive.schemas import HIVE_SCHEMA_VERSION, schema_version
@@ -22,6 +26,9 @@ from rbee_keeper.hosts import HostConfig
 from rbee_keeper.transport import HiveReply, LocalTransport, SshTransport, Transport
 
 Doc = dict[str, Any]
+T = TypeVar("T")
+
+log = logging.getLogger("rbee.keeper.hive")
 
 
 @dataclass(frozen=True)
@@ -190,14 +197,19 @@ class CommandHive:
             last = said.splitlines()[-1] if said else "no output"
             raise RbeeError(f"{name}: rbee-hive exited with status {reply.exit_code} and no "
                             f"result: {last}", host=name)
-        version = schema_version(reply.result)
-        if version != HIVE_SCHEMA_VERSION:
-            raise SchemaMismatch(
-                f"{name}: rbee-hive speaks schema v{version}, this rbee speaks "
-                f"v{HIVE_SCHEMA_VERSION} ({reply.result.get('schema')!r})",
-                hint=f"Run the same rbee version on both: rbee pool git pull --host {name}",
-                host=name, remote_schema=reply.result.get("schema"))
-        return reply.result
+        return checked(name, reply.result)
+
+
+def checked(name: str, doc: Doc) -> Doc:
+    """A hive document, if it speaks this rbee's schema version; SCHEMA_MISMATCH if not."""
+    version = schema_version(doc)
+    if version != HIVE_SCHEMA_VERSION:
+        raise SchemaMismatch(
+            f"{name}: rbee-hive speaks schema v{version}, this rbee speaks "
+            f"v{HIVE_SCHEMA_VERSION} ({doc.get('schema')!r})",
+            hint=f"Run the same rbee version on both: rbee pool git pull --host {name}",
+            host=name, remote_schema=doc.get("schema"))
+    return doc
 
 
 class LocalHive(CommandHive):
@@ -214,10 +226,108 @@ class SshHive(CommandHive):
         super().__init__(host, SshTransport(host, accept_new_host_key))
 
 
-def make_hive(host: HostConfig, accept_new_host_key: bool = False) -> HiveClient:
+class RoutedHive:
+    """A host's hive through its pool daemon when this controller started one there
+    (rbee_keeper.daemons) and it answers, else through its command transport (SSH or local).
+
+    Chosen on every call, so a daemon that stops sends the next call over SSH and one that
+    starts is used from the next call on, in a long-lived session too (the queen's). A call
+    falls back only when nothing was done: the daemon could not be reached at all, or (for a
+    read) it went away before answering. Commands without a typed call go over the command
+    transport, where rbee-hive itself goes through the daemon when one runs.
+    """
+
+    def __init__(self, host: HostConfig, command: CommandHive) -> None:
+        self.host = host
+        self.command_hive = command
+        self._http: Any = None
+        self.last_route: str | None = None  # "daemon", "ssh" or "local": how the last call went
+
+    def daemon(self) -> Any:
+        """The HttpHive of the daemon this controller knows on the host, or None."""
+        from rbee_keeper.daemons import lookup
+
+        known = lookup(self.host.name)
+        if known is None:
+            return None
+        http = self._http
+        if http is None or (http.api.url, http.api.token) != (known.url.rstrip("/"),
+                                                              known.token):
+            from rbee_keeper.hive_http import HttpHive
+
+            http = self._http = HttpHive(self.host, known.url, known.token)
+        return http
+
+    def _route(self, call: Callable[[HiveClient], T], read: bool = False) -> T:
+        http = self.daemon()
+        if http is not None:
+            try:
+                result = call(http)
+                self.last_route = "daemon"
+                return result
+            except DaemonConnectionLost:
+                if not read:
+                    raise  # it may have done the work: do not do it twice
+                log.info("%s: the pool daemon went away during a read; asking over %s",
+                         self.host.name, self.host.transport)
+            except DaemonUnreachable as e:
+                log.info("%s: the pool daemon does not answer (%s); going over %s",
+                         self.host.name, e.message, self.host.transport)
+        result = call(self.command_hive)
+        self.last_route = self.host.transport
+        return result
+
+    def status(self, timeout: float | None = None) -> Doc:
+        return self._route(lambda h: h.status(timeout=timeout), read=True)
+
+    def workers(self, timeout: float | None = None) -> list[Doc]:
+        return self._route(lambda h: h.workers(timeout=timeout), read=True)
+
+    def download(self, ref: str, *, model_id: str | None = None, sha256: str | None = None,
+                 on_event: Reporter | None = None) -> Doc:
+        return self._route(lambda h: h.download(ref, model_id=model_id, sha256=sha256,
+                                                on_event=on_event))
+
+    def spawn(self, req: SpawnRequest, token: str, on_event: Reporter | None = None) -> Doc:
+        return self._route(lambda h: h.spawn(req, token, on_event=on_event))
+
+    def stop(self, worker_id: str, timeout: float | None = None) -> Doc:
+        return self._route(lambda h: h.stop(worker_id, timeout=timeout))
+
+    def stop_all(self, timeout: float | None = None) -> Doc:
+        return self._route(lambda h: h.stop_all(timeout=timeout))
+
+    def token(self, worker_id: str) -> str:
+        return self._route(lambda h: h.token(worker_id), read=True)
+
+    def logs(self, worker_id: str, lines: int = 50) -> list[str]:
+        return self._route(lambda h: h.logs(worker_id, lines), read=True)
+
+    def follow_logs(self, worker_id: str, on_line: Callable[[str], None],
+                    lines: int = 50) -> None:
+        self._route(lambda h: h.follow_logs(worker_id, on_line, lines))
+
+    def command(self, args: Sequence[str], *, on_event: Reporter | None = None,
+                secrets: dict[str, str] | None = None) -> Doc:
+        return self.command_hive.command(args, on_event=on_event, secrets=secrets)
+
+    def lines(self, args: Sequence[str], on_line: Callable[[str], None]) -> int:
+        return self.command_hive.lines(args, on_line)
+
+    def close(self) -> None:
+        self.command_hive.close()
+
+
+def command_hive(host: HostConfig, accept_new_host_key: bool = False) -> CommandHive:
+    """The host's hive by its command transport only (SSH or local), never its daemon."""
     if host.transport == "local":
         return LocalHive(host)
     return SshHive(host, accept_new_host_key)
+
+
+def make_hive(host: HostConfig, accept_new_host_key: bool = False) -> HiveClient:
+    """The client of a host's hive: its pool daemon when it has one, else SSH or local."""
+    return RoutedHive(host, command_hive(host, accept_new_host_key))
 
 
 class Session:

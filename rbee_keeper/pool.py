@@ -13,7 +13,7 @@ from typing import Any
 
 from rbee_common.errors import RbeeError, WorkerNotFound
 from rbee_common.progress import Reporter, null_reporter
-from rbee_keeper import cache, provision
+from rbee_keeper import cache, daemons, provision
 from rbee_keeper.fanout import HostOutcome, fan_out, overall
 from rbee_keeper.hive import Session
 from rbee_keeper.hosts import HostConfig
@@ -130,10 +130,15 @@ def run_on_host(host: HostConfig, args: Sequence[str], session: Session,
     """Any rbee-hive command on one host (`rbee pool … --host NAME`).
 
     A spawned worker gets its token from here and is remembered, a stopped one forgotten,
-    exactly as when `rbee infer` starts or stops one.
+    exactly as when `rbee infer` starts or stops one; a pool daemon started here is
+    remembered (its URL and token) and used from then on, a stopped one forgotten.
     """
     args = list(args)
     hive = session.hive(host)
+    if args[:2] == ["daemon", "start"]:
+        return daemons.start_on_host(host, args, hive, report)
+    if args[:2] == ["daemon", "stop"]:
+        return daemons.stop_on_host(host, args, hive, report)
     if args[:2] == ["worker", "spawn"]:
         token = provision.new_token()
         args.append("--token-stdin")

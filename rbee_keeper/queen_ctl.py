@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from rbee_common import daemon
+from rbee_common.daemon import local_url
 from rbee_common.http import get_health
-from rbee_keeper.queen.serve import ServeOptions, local_url, queen_files
+from rbee_keeper.queen.serve import ServeOptions, queen_files
 
 SCHEMA = "rbee.queen/v1"
 

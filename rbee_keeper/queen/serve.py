@@ -4,12 +4,22 @@ start, which runs `python -m rbee_keeper.queen`)."""
 from __future__ import annotations
 
 import logging
-import socket
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from rbee_common.daemon import DaemonFiles, clear_state, running, token, write_state
+from rbee_common.daemon import (
+    DaemonAlreadyRunning,
+    DaemonFiles,
+    clear_state,
+    listen,
+    local_url,
+    running,
+    token,
+    url_of,
+    write_state,
+)
 from rbee_common.errors import RbeeError
 from rbee_common.paths import config_dir
 
@@ -36,38 +46,10 @@ class ServeOptions:
     poll_interval: float = 2.0
 
 
-def url_of(bind: str, port: int) -> str:
-    host = {"0.0.0.0": socket.gethostname(), "::": socket.gethostname()}.get(bind, bind)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def local_url(bind: str, port: int) -> str:
-    """Where this machine reaches the queen (for health checks)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind, bind)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def listen(bind: str, port: int) -> socket.socket:
-    from rbee_common.daemon import DaemonStartFailed
-
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((bind, port))
-    except OSError as e:
-        sock.close()
-        raise DaemonStartFailed(f"cannot listen on {bind}:{port}: {e.strerror}",
-                                hint="Choose another --port, or stop what uses it.") from e
-    sock.listen(256)
-    return sock
-
-
 def serve(opts: ServeOptions) -> int:
     """Run the queen until SIGTERM/SIGINT; it records itself in queen.json while it runs."""
     import uvicorn
 
-    from rbee_common.daemon import DaemonAlreadyRunning
     from rbee_keeper.hosts import load_hosts
     from rbee_keeper.queen.app import create_app
     from rbee_keeper.queen.runtime import Queen, QueenSettings
@@ -92,6 +74,9 @@ def serve(opts: ServeOptions) -> int:
     write_state(files, url=url_of(opts.bind, opts.port), port=opts.port, bind=opts.bind,
                 local_url=local_url(opts.bind, opts.port))
     log.info("queen on %s", url_of(opts.bind, opts.port))
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler that
+    # was there before it: make that one a no-op, so the cleanup below runs and we exit 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run(sockets=[sock])
     finally:

@@ -1,0 +1,3 @@
+from rbee_hive.daemon.serve import main
+
+main()

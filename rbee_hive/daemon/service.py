@@ -1,0 +1,178 @@
+"""The hive behind the pool daemon's routes: the same core functions the CLI runs, with the
+calls that change the registry or the model store serialized (one at a time, whoever the
+client), and the watcher told at once when a worker comes or goes.
+
+A spawn holds the lock only while it is admitted and started (memory check, port, record);
+waiting for the worker to load happens outside it, so two loads on two devices overlap.
+Downloads take their own per-model lock in the core and run outside this one: a long
+download never holds up a spawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rbee_common.errors import UsageError
+from rbee_common.progress import Reporter, null_reporter
+from rbee_hive.ops import InProcess
+
+log = logging.getLogger("rbee.hive.daemon")
+
+Doc = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SpawnArgs:
+    """POST /v2/workers/start in typed form (the token never reaches a log)."""
+
+    backend: str
+    model: str
+    device: int | Sequence[int] = 0
+    ctx: int | None = None
+    port: int | None = None
+    bind: str | None = None
+    threads: int | None = None
+    tensor_split: Sequence[float] | None = None
+    wait: bool = True
+    timeout: float | None = None
+    token: str | None = None
+
+    def one_device(self) -> int:
+        """The device index; this hive's spawn runs a worker on one device."""
+        devices = [self.device] if isinstance(self.device, int) else list(self.device)
+        if len(devices) != 1 or (self.tensor_split is not None and len(self.tensor_split) > 1):
+            raise UsageError(f"devices {devices}: this hive starts a worker on one device",
+                             hint="Give one device.")
+        return int(devices[0])
+
+
+def reap(pid: int) -> None:
+    """Collect a worker this process started once it has exited, so no zombie stays behind."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+class PoolService:
+    """The hive's commands as the daemon serves them."""
+
+    def __init__(self, on_change: Callable[[], None] = lambda: None) -> None:
+        self.local = InProcess()
+        self.on_change = on_change
+        self._mutate = threading.Lock()
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        try:
+            with self._mutate:
+                yield
+        finally:
+            self.on_change()
+
+    # reads: as the CLI does them
+
+    def state(self) -> Doc:
+        return self.local.status()
+
+    def detect(self) -> Doc:
+        return self.local.detect()
+
+    def catalog(self) -> Doc:
+        return self.local.catalog()
+
+    def models(self) -> Doc:
+        return self.local.models()
+
+    def model_info(self, ref: str, ctx: int | None) -> Doc:
+        return self.local.model_info(ref, ctx)
+
+    def workers(self) -> Doc:
+        return self.local.workers()
+
+    def worker_health(self, wid: str) -> Doc:
+        return self.local.worker_health(wid)
+
+    def worker_logs(self, wid: str, lines: int) -> Doc:
+        return self.local.worker_logs(wid, lines)
+
+    def worker_token(self, wid: str) -> Doc:
+        return self.local.worker_token(wid)
+
+    def verify(self, model_id: str, report: Reporter = null_reporter) -> Doc:
+        return self.local.verify(model_id, report)
+
+    # changes: one at a time
+
+    def spawn(self, args: SpawnArgs, report: Reporter = null_reporter) -> Doc:
+        """Admit and start a worker under the lock; wait for it to load outside it."""
+        from rbee_hive.spawn import load_timeout, wait_ready
+
+        device = args.one_device()
+        with self._changing():
+            record = self.local.spawn(args.backend, args.model, device=device, port=args.port,
+                                      ctx=args.ctx, bind=args.bind, wait=False,
+                                      token=args.token, threads=args.threads)
+        log.info("worker %s started: %s on %s:%s, port %s, pid %s", record["id"],
+                 record["model"], record["backend"], record["device"], record["port"],
+                 record["pid"])
+        if not args.wait:
+            return record
+        try:
+            ready = wait_ready(record, None, args.timeout or load_timeout(), report)
+        except Exception as e:
+            log.warning("worker %s did not become ready: %s", record["id"], e)
+            raise
+        finally:
+            self.on_change()
+        log.info("worker %s ready in %ss", ready["id"], ready.get("ready_s"))
+        return ready
+
+    def stop(self, wid: str, grace: float) -> Doc:
+        from rbee_hive.registry import Registry
+
+        with self._changing():
+            pid = Registry().get(wid)["pid"]
+            doc = self.local.stop(wid, grace)
+            reap(pid)
+        log.info("worker %s stopped (%s)", wid, doc.get("signal") or "was not running")
+        return doc
+
+    def stop_all(self, grace: float) -> Doc:
+        from rbee_hive.registry import Registry
+
+        with self._changing():
+            pids = [r["pid"] for r in Registry().all()]
+            doc = self.local.stop_all(grace)
+            for pid in pids:
+                reap(pid)
+        log.info("stopped every worker (%d)", len(doc["stopped"]))
+        return doc
+
+    def download(self, ref: str, model_id: str | None, sha256: str | None,
+                 retries: int | None, report: Reporter = null_reporter) -> Doc:
+        try:
+            doc = self.local.download(ref, model_id, sha256, retries, report)
+        finally:
+            self.on_change()
+        log.info("model %s present (%s bytes transferred)", doc["id"],
+                 doc.get("transferred_bytes"))
+        return doc
+
+    def import_model(self, path: Path, model_id: str | None, copy: bool,
+                     report: Reporter = null_reporter) -> Doc:
+        with self._changing():
+            doc = self.local.import_model(path, model_id, copy, report)
+        log.info("model %s imported from %s", doc["id"], path)
+        return doc
+
+    def remove(self, model_id: str, force: bool) -> Doc:
+        with self._changing():
+            doc = self.local.remove(model_id, force)
+        log.info("model %s removed", model_id)
+        return doc
