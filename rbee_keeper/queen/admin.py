@@ -406,15 +406,39 @@ async def get_pool_events(request: Request) -> Response:
     return event_stream(pool_events(queen_of(request), ops_of(request)))
 
 
+def throughput(q: Queen, since: float, bucket_s: int = 60) -> list[list[float]]:
+    """Tokens per second delivered, by the minute each job ended in (every minute since
+    `since`, zeros included): the samples' decode rate misses jobs shorter than their
+    interval. Read from the job table through a read-only connection of its own."""
+    import sqlite3
+
+    first = int(since // bucket_s) * bucket_s
+    totals = dict.fromkeys(range(first, int(time.time()) + 1, bucket_s), 0)
+    db = sqlite3.connect(f"file:{q.store.path}?mode=ro", uri=True, timeout=2)
+    try:
+        rows = db.execute(f"SELECT CAST(updated / {bucket_s} AS INTEGER) * {bucket_s}, "
+                          "SUM(tokens) FROM jobs WHERE updated >= ? AND state IN "
+                          "('done', 'cancelled', 'failed') GROUP BY 1", (first,)).fetchall()
+    finally:
+        db.close()
+    for at, tokens in rows:
+        if at in totals:
+            totals[at] = tokens or 0
+    return [[at, round(n / bucket_s, 3)] for at, n in sorted(totals.items())]
+
+
 async def get_samples(request: Request) -> Response:
     raw = request.query_params.get("since_s", str(int(SAMPLE_KEEP_S)))
     if not raw.isdigit() or not 1 <= int(raw) <= SAMPLE_KEEP_S:
         raise HTTPError(400, InvalidRequest(f"since_s: seconds back, 1 to {int(SAMPLE_KEEP_S)}",
                                             field="since_s", hint=HINT))
     q = queen_of(request)
-    samples = await asyncio.to_thread(q.store.samples, time.time() - int(raw))
+    since = time.time() - int(raw)
+    samples = await asyncio.to_thread(q.store.samples, since)
+    delivered = await asyncio.to_thread(throughput, q, since)
     return JSONResponse({"schema": "rbee.queen.samples/v1",
-                         "interval_s": q.settings.sample_interval, "samples": samples})
+                         "interval_s": q.settings.sample_interval, "samples": samples,
+                         "throughput": {"bucket_s": 60, "tokens_per_sec": delivered}})
 
 
 async def post_download(request: Request) -> Response:

@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import hmac
 import html
-import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -58,6 +57,13 @@ class CrossSiteRefused(RbeeError):
     default_hint = "Use the queen's web UI, or send Authorization: Bearer <token>."
 
 
+# spelled out rather than guessed from the system's mime.types: module scripts need a
+# JavaScript type
+MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+               ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml",
+               ".png": "image/png"}
+
+
 @dataclass(frozen=True)
 class Asset:
     body: bytes
@@ -80,9 +86,7 @@ def asset(name: str) -> Asset | None:
     if cached is not None and cached[0] == mtime:
         return cached[1]
     body = path.read_bytes()
-    media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    if media.startswith("text/") or media in ("application/javascript", "image/svg+xml"):
-        media += "; charset=utf-8"
+    media = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
     found = Asset(body, gzip.compress(body, 9, mtime=0),
                   '"' + hashlib.sha256(body).hexdigest()[:20] + '"', media)
     _assets[name] = (mtime, found)

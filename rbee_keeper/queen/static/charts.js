@@ -12,6 +12,7 @@ export function chartsSection() {
   const el = h("section", { class: "charts", "aria-labelledby": "charts-title" },
     h("h2", { id: "charts-title" }, "Last hour"), grid);
   let samples = [];
+  let delivered = [];
   let interval = 5;
   let loaded = false;
   let width = 0;
@@ -25,8 +26,10 @@ export function chartsSection() {
     const w = Math.max(240, card ? card.clientWidth - 34 : 380);
     const memory = memorySeries(samples);
     grid.replaceChildren(
-      chart("Tokens per second", [{ name: "tokens/s", points: pick(samples, "tokens_per_sec") }],
-        now, interval, w, (v) => num(v)),
+      chart("Tokens per second", [
+        { name: "delivered (1-min average)", points: delivered, gap: Infinity },
+        { name: "decode rate of busy workers", points: pick(samples, "tokens_per_sec") }],
+      now, interval, w, (v) => num(v)),
       chart("Queue depth", [
         { name: "queued", points: pick(samples, "queue") },
         { name: "running", points: pick(samples, "running") }], now, interval, w,
@@ -35,12 +38,15 @@ export function chartsSection() {
     );
   };
 
-  api(`/v2/samples?since_s=${WINDOW_S}`).then((doc) => {
+  const load = () => api(`/v2/samples?since_s=${WINDOW_S}`).then((doc) => {
     samples = doc.samples;
+    delivered = doc.throughput.tokens_per_sec;
     interval = doc.interval_s || interval;
     loaded = true;
     draw();
   }).catch((err) => grid.replaceChildren(errorBox(err)));
+  load();
+  const reload = setInterval(load, 60_000); // the minute's delivered tokens
   const off = onSample((s) => {
     if (!samples.length || s.at > samples[samples.length - 1].at) samples.push(s);
     draw();
@@ -52,7 +58,7 @@ export function chartsSection() {
     }
   });
   resize.observe(grid);
-  return { el, cleanup: () => { off(); resize.disconnect(); } };
+  return { el, cleanup: () => { off(); resize.disconnect(); clearInterval(reload); } };
 }
 
 function pick(samples, key) {
@@ -107,8 +113,9 @@ function chart(title, series, now, interval, width, format, { step = false, inte
   series.forEach((s, i) => {
     let d = "";
     let last = null;
+    const gapAfter = s.gap ?? interval * 3; // longer without a sample: the queen was down
     for (const [t, v] of s.points) {
-      const gap = last === null || t - last[0] > interval * 3;
+      const gap = last === null || t - last[0] > gapAfter;
       if (gap) d += `M${x(t).toFixed(1)},${y(v).toFixed(1)}`;
       else if (step) d += `H${x(t).toFixed(1)}V${y(v).toFixed(1)}`;
       else d += `L${x(t).toFixed(1)},${y(v).toFixed(1)}`;

@@ -94,7 +94,7 @@ function modelRow(m, hostsUp) {
     h("td", { "data-label": "Model" }, h("code", {}, m.id),
       m.name && m.name !== m.id ? h("div", { class: "small" }, m.name) : null,
       h("div", { class: "muted small source" }, m.source || "")),
-    h("td", { "data-label": "Size" }, m.size ? bytes(m.size) : "—"),
+    h("td", { "data-label": "Size", class: "nowrap" }, m.size ? bytes(m.size) : "—"),
     h("td", { "data-label": "On hosts" }, m.hosts.length
       ? h("ul", { class: "chips" }, m.hosts.map((x) => h("li", { class: "chip" }, x)))
       : h("span", { class: "muted" }, "none")),
@@ -106,11 +106,11 @@ function modelRow(m, hostsUp) {
           onclick: (e) => act(e.target, () => api("/v2/workers/stop", {
             method: "POST", body: { host: w.host, id: w.worker } }),
           `Stopped ${w.worker}`) }, "Stop"))))
-      : h("span", { class: "muted" }, "no worker")),
-    h("td", { "data-label": "Idle TTL" }, h("div", { class: "inline-form" }, ttl, " s ",
+      : h("span", { class: "muted nowrap" }, "no worker")),
+    h("td", { "data-label": "Idle TTL" }, h("div", { class: "inline-form nowrap" }, ttl, " s ",
       h("button", { type: "button", class: "small", "data-key": key("ttl-save"),
         onclick: (e) => saveTtl(e.target, m.id, ttl) }, "Set"))),
-    h("td", { "data-label": "On a host" }, hostsUp.length ? h("div", { class: "inline-form" },
+    h("td", { "data-label": "On a host" }, hostsUp.length ? h("div", { class: "inline-form nowrap" },
       hostSelect,
       h("button", { type: "button", class: "small", "data-key": key("download"),
         disabled: !canDownload, title: canDownload ? null : "no source to download from",
