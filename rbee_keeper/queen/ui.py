@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import hmac
 import html
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -27,9 +28,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rbee_common.asgi import error_response, presented_token
 from rbee_common.errors import InvalidRequest, RbeeError, Unauthorized
+from rbee_keeper.queen.app import COOKIE  # the cookie BearerAuth reads the token from
+
+log = logging.getLogger("rbee.queen")
 
 STATIC = Path(__file__).parent / "static"
-COOKIE = "rbee_queen"  # the name BearerAuth reads (app.COOKIE)
 COOKIE_MAX_AGE = 30 * 24 * 3600
 CSRF_HEADER = b"x-rbee-ui"  # the page's fetch() sends it; a cross-site form cannot
 SIGNIN, SIGNOUT, SESSION = "/signin", "/signout", "/session"
@@ -38,6 +41,7 @@ OPEN_PATHS = frozenset({"/health", SIGNIN, SIGNOUT, SESSION, "/favicon.ico",
                         "/static/style.css", "/static/signin.js", "/static/favicon.svg"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 WRONG_TOKEN_DELAY_S = 0.5  # slows guessing; the token itself is 256 bits
+SIGNIN_BODY_LIMIT = 4096
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -186,27 +190,26 @@ class BrowserGate:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope["headers"]}
-        path = scope["path"]
+        path, method = scope["path"], scope["method"]
         origin = headers.get("origin") or headers.get("referer") or ""
+        if headers.get("authorization", "").lower().startswith("bearer ") and \
+                path not in (SIGNIN, SIGNOUT):
+            await self.app(scope, receive, send)  # an API client: its header is its proof
+            return
         if origin and not _same_origin(origin, headers):
             await self._refuse(scope, receive, send, f"a request from {origin!r} to {path}")
-            return
-        if scope["method"] == "POST" and path == SIGNIN:
-            response = await self._signin(scope, receive, headers)
-            await response(scope, receive, send)
-            return
-        if scope["method"] == "POST" and path == SIGNOUT:
-            if not origin:  # every browser sends one with a form post
+        elif method == "POST" and path == SIGNIN:
+            await (await self._signin(scope, receive, headers))(scope, receive, send)
+        elif method == "POST" and path == SIGNOUT:
+            if origin:  # every browser sends one with a form post
+                await self._signout(scope, headers)(scope, receive, send)
+            else:
                 await self._refuse(scope, receive, send, "a sign-out with no Origin")
-                return
-            await self._signout(scope, headers)(scope, receive, send)
-            return
-        bearer = headers.get("authorization", "").lower().startswith("bearer ")
-        if not bearer and CSRF_HEADER.decode() not in headers:
-            await self._refuse(scope, receive, send, f"{scope['method']} {path} without the "
+        elif CSRF_HEADER.decode() not in headers:
+            await self._refuse(scope, receive, send, f"{method} {path} without the "
                                f"{CSRF_HEADER.decode()} header")
-            return
-        await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
         err = CrossSiteRefused(f"refused {what}: only the queen's own pages may change "
@@ -216,12 +219,16 @@ class BrowserGate:
     async def _signin(self, scope: Scope, receive: Receive,
                       headers: dict[str, str]) -> Response:
         request = Request(scope, receive)
-        body = await request.body()
-        if len(body) > 4096:
-            return signin_page(request, "That is too long to be a token.", 413)
+        body = b""
+        async for chunk in request.stream():  # unauthenticated: read a little, no more
+            body += chunk
+            if len(body) > SIGNIN_BODY_LIMIT:
+                return signin_page(request, "That is too long to be a token.", 413)
         fields = parse_qs(body.decode("utf-8", "replace"))
         presented = (fields.get("token") or [""])[0].strip().encode()
         if not presented or not hmac.compare_digest(presented, self.token):
+            client = scope.get("client") or ("?", 0)
+            log.warning("refused a sign-in with a wrong token from %s", client[0])
             await asyncio.sleep(WRONG_TOKEN_DELAY_S)
             return signin_page(request, "That is not this queen's token.", 401)
         response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})

@@ -63,7 +63,7 @@ function route() {
 function showLive(state) {
   const el = document.getElementById("live");
   el.dataset.state = state;
-  el.textContent = state === "live" ? "live" : "reconnecting…";
+  el.textContent = { live: "live", paused: "paused" }[state] || "reconnecting…";
 }
 
 document.getElementById("skip").addEventListener("click", (event) => {

@@ -124,7 +124,8 @@ export async function act(button, fn, done) {
 }
 
 // The pool, live: one EventSource for the whole page; pages subscribe to its documents.
-const pool = { doc: null, at: 0, listeners: new Set(), sampleListeners: new Set(), source: null };
+const pool = { doc: null, at: 0, listeners: new Set(), sampleListeners: new Set(), source: null,
+  watchingVisibility: false };
 
 export function onPool(fn) {
   pool.listeners.add(fn);
@@ -147,6 +148,20 @@ export function sinceDoc() {
 }
 
 export function connectPool(onState) {
+  if (!pool.watchingVisibility) {
+    // a browser opens at most six connections to one server: a hidden tab gives its
+    // stream back, and takes a new one when it is shown again
+    pool.watchingVisibility = true;
+    document.addEventListener("visibilitychange", () => {
+      if (document.hidden && pool.source) {
+        pool.source.close();
+        pool.source = null;
+        onState("paused");
+      } else if (!document.hidden && !pool.source) {
+        connectPool(onState);
+      }
+    });
+  }
   const source = new EventSource("/v2/pool/events");
   pool.source = source;
   source.addEventListener("open", () => onState("live"));
@@ -162,14 +177,15 @@ export function connectPool(onState) {
   });
   source.addEventListener("error", async () => {
     onState("reconnecting");
-    if (source.readyState === EventSource.CLOSED) {
+    if (source.readyState === EventSource.CLOSED && pool.source === source) {
+      pool.source = null;
       // refused (signed out?) or the queen is gone: ask once, then try again
       try {
         await api("/v2/pool");
       } catch {
         /* api() already went to the sign-in page on 401 */
       }
-      setTimeout(() => connectPool(onState), 2000);
+      setTimeout(() => { if (!pool.source && !document.hidden) connectPool(onState); }, 2000);
     }
   });
 }
