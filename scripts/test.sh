@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 scripts/install-test-deps.sh
 export RBEE_REQUIRE_SSHD=1   # SSH tests must run here, not skip
+export RBEE_REQUIRE_BROWSER=1   # and so must the web UI's tests in chromium
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
 if [ -f bench/run_all.py ]; then

@@ -75,16 +75,34 @@ def tiny_registered(rbee_env: Env, tiny_model: Path) -> str:
     return "tiny"
 
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by scripts/install-test-deps.sh
+
+
+def browser_missing() -> str | None:
+    """Why the browser tests cannot run here, or None when they can."""
+    if not os.path.exists(CHROMIUM):
+        return "Debian's chromium is not installed: run scripts/install-test-deps.sh"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed: run scripts/install-test-deps.sh"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if shutil.which("sshd") or os.path.exists("/usr/sbin/sshd"):
-        return
-    skip = pytest.mark.skip(
-        reason="OpenSSH's sshd is not installed: run scripts/install-test-deps.sh")
-    for item in items:
-        if "ssh" in item.keywords:
-            if os.environ.get("RBEE_REQUIRE_SSHD") == "1":
-                raise pytest.UsageError("sshd is required (RBEE_REQUIRE_SSHD=1) but not installed")
-            item.add_marker(skip)
+    sshd = None if shutil.which("sshd") or os.path.exists("/usr/sbin/sshd") else \
+        "OpenSSH's sshd is not installed: run scripts/install-test-deps.sh"
+    # (marker, why it cannot run, the variable that makes it required, what is required)
+    for marker, missing, required, what in (
+            ("ssh", sshd, "RBEE_REQUIRE_SSHD", "sshd"),
+            ("browser", browser_missing(), "RBEE_REQUIRE_BROWSER", "a browser")):
+        if missing is None:
+            continue
+        for item in items:
+            if marker in item.keywords:
+                if os.environ.get(required) == "1":
+                    raise pytest.UsageError(f"{what} is required ({required}=1): {missing}")
+                item.add_marker(pytest.mark.skip(reason=missing))
 
 
 @dataclass

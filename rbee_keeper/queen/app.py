@@ -246,7 +246,7 @@ async def metrics(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    from rbee_keeper.queen import openai_api
+    from rbee_keeper.queen import admin, openai_api, ui
 
     g = _guard
     return [
@@ -265,12 +265,16 @@ def routes() -> list[Route]:
         Route("/v1/models", openai_api.guard(openai_api.models), methods=["GET"]),
         Route("/v1/completions", openai_api.guard(openai_api.completions), methods=["POST"]),
         Route("/v1/chat/completions", openai_api.guard(openai_api.chat), methods=["POST"]),
+        *admin.routes(),  # what the web UI needs beyond the jobs API
+        *ui.routes(),  # the web UI: `/`, its static files, sign-in and sign-out
     ]
 
 
 def create_app(queen: Queen, token: str) -> ASGIApp:
     """The queen's ASGI app, its runtime on `app.state.queen`, behind its bearer token."""
     from starlette.exceptions import HTTPException
+
+    from rbee_keeper.queen import ui
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -280,6 +284,8 @@ def create_app(queen: Queen, token: str) -> ASGIApp:
 
     app = Starlette(routes=routes(), exception_handlers={404: not_found, 405: not_found})
     app.state.queen = queen
-    wrapped = BearerAuth(app, token, cookie=COOKIE)
+    # a browser signs in once (ui.py) and sends the token as a cookie from then on
+    wrapped = BearerAuth(ui.BrowserGate(app, token), token, cookie=COOKIE, open_paths=ui.OPEN_PATHS,
+                         reject=ui.reject)
     wrapped.state = app.state  # type: ignore[attr-defined]
     return wrapped

@@ -867,6 +867,39 @@ class Queen:
                              for m, f in self.failures.items()},
             }
 
+    # --- for the web UI (rbee_keeper.queen.admin): workers started by hand -----------------
+
+    def placement_view(self) -> dict[str, dict[str, Any] | RbeeError]:
+        """The host pictures placement works on (workers being started counted in)."""
+        with self.cond:
+            return self._statuses()
+
+    def hold(self, key: str, reservation: dict[str, Any]) -> None:
+        """Count the memory of a worker being started outside a job until `release`."""
+        with self.cond:
+            self.reservations[key] = reservation
+
+    def release(self, key: str) -> None:
+        with self.cond:
+            self.reservations.pop(key, None)
+            self.cond.notify_all()
+
+    def manage_started(self, host: str, record: dict[str, Any], token: str, url: str,
+                       model_id: str) -> dict[str, Any]:
+        """A worker started by hand: jobs are scheduled onto it and its idle TTL applies, as
+        for the workers the queen starts itself."""
+        from rbee_common.fit import worker_devices
+
+        w = ManagedWorker(host=host, id=record["id"], url=url, token=token, model=model_id,
+                          backend=record["backend"], devices=tuple(worker_devices(record)),
+                          ctx=int(record["ctx"]), state="idle",
+                          estimate_bytes=int(record.get("estimate_bytes") or 0))
+        with self.cond:
+            self.workers[(host, w.id)] = w
+            self.cond.notify_all()
+        self.store.save_worker(host, w.id, w.to_dict(secret=True))
+        return w.to_dict()
+
 
 def model_spec(ref: str) -> ModelSpec:
     """A job's model reference resolved as `rbee infer` resolves it (catalog, hf:, https:,
