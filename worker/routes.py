@@ -11,7 +11,8 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from rbee_common.asgi import event_stream, read_model, sse
+from rbee_common.asgi import HTTPError, event_stream, read_model, sse
+from rbee_common.errors import InvalidRequest
 from rbee_common.names import JobEvent
 from worker.jobs import drain, gen_params, loaded_engine, start_job, tokenize
 from worker.metrics import prometheus_text
@@ -46,6 +47,9 @@ async def health(request: Request) -> Response:
 async def execute(request: Request, state: WorkerState) -> Response:
     req: ExecuteRequest = await read_model(request, ExecuteRequest, state.settings.max_body_bytes,
                                             hint=API_HINT)
+    problem = req.input_error()
+    if problem is not None:
+        raise HTTPError(400, InvalidRequest(f"prompt: {problem}", field="prompt", hint=API_HINT))
     stops = list(req.stop)
     if req.messages is not None:
         prompt, template_stops, has_bos = loaded_engine(state).format_chat(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from rbee_common.names import HealthStatus, JobEvent, StopReason
 from worker.protocol import ERROR_LINE_PREFIX, HEALTH_SCHEMA, MAX_BODY_BYTES, TOKEN_ENV
@@ -36,11 +36,11 @@ class ExecuteRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     stop: list[StopString] = Field(default_factory=list, max_length=16)
 
-    @model_validator(mode="after")
-    def _one_input(self) -> ExecuteRequest:
+    def input_error(self) -> str | None:
+        """Why the body's input is unusable: it needs a prompt or messages, not both."""
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give a prompt or messages (one of them)")
-        return self
+            return "give a prompt or messages (one of them)"
+        return None
 
 
 class CancelRequest(BaseModel):
