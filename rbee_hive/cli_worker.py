@@ -34,7 +34,7 @@ def spawn(
     = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once started.")] = False,
     timeout: Annotated[float | None, typer.Option(
-        min=0.1, help="Seconds to wait for ready (default 120 or $RBEE_LOAD_TIMEOUT).")] = None,
+        min=0.001, help="Seconds to wait for ready (default 120 or $RBEE_LOAD_TIMEOUT).")] = None,
     token_stdin: Annotated[bool, typer.Option(
         "--token-stdin", help="Read the worker's bearer token from stdin's first line.")] = False,
     fmt: FormatOpt = Format.text,

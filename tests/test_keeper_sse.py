@@ -82,7 +82,7 @@ def test_stream_that_ends_without_end_is_a_crash_with_the_token_count(tail: byte
     with pytest.raises(WorkerCrashed) as info:
         read(tokens("a", "b") + tail)
     assert info.value.code == "WORKER_CRASHED"
-    assert info.value.details == {"worker": URL, "tokens": 2}
+    assert info.value.details == {"worker": URL, "tokens": 2, "text": "ab"}
     assert "after 2 tokens" in info.value.message
 
 
