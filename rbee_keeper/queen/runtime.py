@@ -57,6 +57,12 @@ class JobNotFound(RbeeError):
     default_hint = "List jobs with `rbee jobs list`."
 
 
+class WorkerBusy(RbeeError):
+    """The worker is running a job: it is not stopped under it."""
+
+    code = "WORKER_BUSY"
+
+
 class QueenRestarted(RbeeError):
     """The queen stopped while the job was placed or running."""
 
@@ -119,6 +125,7 @@ class Queen:
         self.reservations: dict[str, dict[str, Any]] = {}  # job id → fake loading worker
         self.failures: dict[str, Failures] = {}
         self.headers: dict[str, Any] = {}  # model id → its GGUF header figures (probe)
+        self.polling: set[str] = set()  # hosts being asked for their status right now
         self.metrics = Metrics()
         self.started = time.time()
         self.stopping = threading.Event()
@@ -269,21 +276,39 @@ class Queen:
         asked = time.time()
         outcomes = fan_out(stale, lambda n: self.session.hive(configs[n]).status(
             timeout=self.settings.status_timeout), self.settings.status_timeout)
-        now = time.time()
         with self.cond:
             for o in outcomes:
-                view = self.hosts.setdefault(o.name, HostView(o.name))
-                if names is None and view.source == "heartbeat" and \
-                        now - view.seen < self.settings.poll_interval:
-                    continue  # a heartbeat arrived meanwhile
-                view.checked = now
-                view.source = "local" if configs[o.name].transport == "local" else "ssh"
-                if o.ok and o.value is not None:
-                    view.status, view.error, view.seen = o.value, None, now
-                    self._reconcile(o.name, o.value, asked)
-                else:
-                    view.error = (o.error or RbeeError("no status")).to_dict()
+                self._apply(configs[o.name], o, asked, forced=names is not None)
             self.cond.notify_all()
+
+    def _apply(self, config: HostConfig, o: Any, asked: float, forced: bool) -> None:
+        """One host's status (or its error) into its picture. Called with the lock held."""
+        now = time.time()
+        view = self.hosts.setdefault(o.name, HostView(o.name))
+        if not forced and view.source == "heartbeat" and \
+                now - view.seen < self.settings.poll_interval:
+            return  # a heartbeat arrived meanwhile: fresher than this
+        view.checked = now
+        view.source = "local" if config.transport == "local" else "ssh"
+        if o.ok and o.value is not None:
+            view.status, view.error, view.seen = o.value, None, now
+            self._reconcile(o.name, o.value, asked)
+        else:
+            view.error = (o.error or RbeeError("no status")).to_dict()
+
+    def _poll_one(self, config: HostConfig) -> None:
+        """Ask one host for its status; each host on its own, so a slow one delays no other."""
+        asked = time.time()
+        try:
+            (o,) = fan_out([config.name], lambda n: self.session.hive(config).status(
+                timeout=self.settings.status_timeout), self.settings.status_timeout)
+            with self.cond:
+                if config.name in self.load_hosts():
+                    self._apply(config, o, asked, forced=False)
+                self.cond.notify_all()
+        finally:
+            with self.cond:
+                self.polling.discard(config.name)
 
     def _reconcile(self, host: str, status: dict[str, Any], asked: float) -> None:
         """Forget managed workers the host no longer runs (crashed, stopped by hand); a
@@ -704,9 +729,23 @@ class Queen:
     # housekeeping threads
 
     def _poll_loop(self) -> None:
-        while not self.stopping.wait(self.settings.poll_interval / 2):
+        """Every host whose picture is older than the poll interval (and that no heartbeat
+        keeps fresh) is asked again, in its own thread, one question at a time per host."""
+        while not self.stopping.wait(min(0.25, self.settings.poll_interval / 4)):
             try:
-                self.refresh_hosts()
+                configs = self.load_hosts()
+                now = time.time()
+                with self.cond:
+                    for gone in set(self.hosts) - set(configs):
+                        del self.hosts[gone]
+                    due = [c for n, c in configs.items() if n not in self.polling and
+                           now - max(self.hosts.get(n, HostView(n)).checked,
+                                     self.hosts.get(n, HostView(n)).seen)
+                           >= self.settings.poll_interval]
+                    self.polling.update(c.name for c in due)
+                for config in due:
+                    threading.Thread(target=self._poll_one, args=(config,), daemon=True,
+                                     name=f"poll-{config.name}").start()
             except Exception:  # keep polling whatever one round did
                 log.exception("polling hosts failed")
 
@@ -736,8 +775,8 @@ class Queen:
         with self.cond:
             w = self.workers.get((host, worker_id))
             if w is not None and w.state != "idle":
-                raise RbeeError(f"worker {worker_id} is running a job",
-                                hint="Cancel the job first, or wait for it to end.")
+                raise WorkerBusy(f"worker {worker_id} is running a job",
+                                 hint="Cancel the job first, or wait for it to end.")
             self._forget(host, worker_id)
         config = self.load_hosts()[host]
         doc = self.session.hive(config).stop(worker_id)
