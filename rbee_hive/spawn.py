@@ -25,6 +25,8 @@ from rbee_hive.errors import (
     RbeeError,
     WorkerCrashed,
     crashed_hint,
+    disk_full,
+    is_disk_full,
 )
 from rbee_hive.ports import pick_port, port_lock, reserve, reserved_ports
 from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
@@ -154,8 +156,14 @@ def _start(model: dict[str, Any], est: Estimate, dev: dict[str, Any],
             }
             # the record first, the process second: a signal that ends this process at any
             # point leaves no worker without a record (its pid is found by its id if need be)
-            reg.save(record)
-            atomic_write_bytes(reg.token_path(wid), token.encode(), mode=0o600)
+            try:
+                reg.save(record)
+                atomic_write_bytes(reg.token_path(wid), token.encode(), mode=0o600)
+            except OSError as e:
+                reg.remove(wid)
+                if is_disk_full(e):
+                    raise disk_full(reg.dir, None, e) from e
+                raise
             argv = worker_argv(model_path=model["path"], backend=backend, device=device,
                                port=chosen, host=bind, worker_id=wid, ctx=ctx,
                                model_id=model["id"], threads=threads)

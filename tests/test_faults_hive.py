@@ -197,6 +197,18 @@ def test_a_download_whose_index_write_fails_keeps_its_bytes_for_the_next_run(
     assert r.json()["transferred_bytes"] == 0 and len(hub.gets()) == gets
 
 
+def test_a_spawn_onto_a_full_disk_is_disk_full_and_leaves_nothing(
+        tiny_registered: str, rbee_env: Env, small_disk: Callable[[Path, int], Path]) -> None:
+    workers = small_disk(rbee_env.rbee_home / "workers", 64 * 1024)
+    fill(workers)
+    r = run("rbee-hive", "worker", "spawn", "cpu", "--model", "tiny", "--format", "json")
+    assert r.returncode == 1, r
+    err = error_of(r)
+    assert err["code"] == "DISK_FULL" and err["details"]["path"] == str(workers), err
+    assert sorted(p.name for p in workers.iterdir()) == [".lock", "filler"]
+    assert not worker_processes(workers)
+
+
 def test_a_discarded_partial_does_not_count_as_resumed(hub: HubServer, rbee_env: Env,
                                                        tiny_bytes: bytes) -> None:
     # a partial longer than the file (its resume note intact): not a prefix, so discarded
@@ -415,7 +427,8 @@ def test_a_port_taken_before_the_worker_binds_it_is_retried_with_another(
             proc.kill()
 
 
-KILL_DELAYS_S = (0.0, 0.001, 0.003, 0.008)
+# the last one lands after the record is whole: it makes sure a worker did start
+KILL_DELAYS_S = (0.0, 0.001, 0.004, 0.05)
 
 
 def test_a_spawner_killed_around_the_start_leaves_no_worker_without_a_record(
