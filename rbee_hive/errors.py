@@ -56,9 +56,12 @@ def free_bytes(path: Path) -> int | None:
 
 def disk_full(path: Path, needed: int | None, cause: OSError | None = None) -> DiskFull:
     """The DISK_FULL error for a write of `needed` bytes (None: unknown) at `path`."""
+    from rbee_common.estimate import human_bytes
+
     free = free_bytes(path)
-    need = f"{needed} more bytes needed" if needed is not None else "more room needed"
-    return DiskFull(f"no space left on the device holding {path}: {need}, {free} free"
+    need = f"{human_bytes(needed)} more needed" if needed is not None else "more room needed"
+    return DiskFull(f"no space left on the device holding {path}: {need}, "
+                    f"{human_bytes(free)} free"
                     + (f" ({cause.strerror})" if cause is not None and cause.strerror else ""),
                     path=str(path), needed_bytes=needed, free_bytes=free)
 

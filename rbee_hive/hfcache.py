@@ -42,6 +42,7 @@ def offline() -> bool:
 
 
 def repo_dir(src: HfSource) -> Path:
+    """The cache folder of the source's repository (models--ORG--REPO)."""
     from huggingface_hub.file_download import repo_folder_name
 
     return hub_cache_dir() / repo_folder_name(repo_id=src.repo, repo_type="model")

@@ -367,6 +367,9 @@ def test_a_damaged_index_does_not_stop_the_cli(tiny_registered: str, rbee_env: E
 # ---------------------------------------------------------------- ports
 
 
+SPAWNS_PER_HIVE = 2
+
+
 def test_two_hives_on_one_address_spawn_concurrently_without_losing_any(
         rbee_env: Env, tiny_model: Path) -> None:
     homes = [rbee_env.root / "hive-a", rbee_env.root / "hive-b"]
@@ -381,12 +384,12 @@ def test_two_hives_on_one_address_spawn_concurrently_without_losing_any(
                    timeout=60)
 
     try:
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            results = list(pool.map(spawn_in, homes * 3))
+        with ThreadPoolExecutor(max_workers=len(homes) * SPAWNS_PER_HIVE) as pool:
+            results = list(pool.map(spawn_in, homes * SPAWNS_PER_HIVE))
         failed = [r for r in results if r.returncode != 0]
         assert not failed, failed[0]
         ports = [r.json()["port"] for r in results]
-        assert len(set(ports)) == 6
+        assert len(set(ports)) == len(homes) * SPAWNS_PER_HIVE
     finally:
         for home in homes:
             run("rbee-hive", "worker", "stop", "--all", env={"RBEE_HOME": str(home)})
