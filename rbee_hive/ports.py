@@ -4,7 +4,7 @@ A port is chosen under a lock held machine-wide (not per RBEE_HOME: two hives on
 share its ports) and reserved for the worker's pid until that process ends, because a worker
 binds its port only after it has started (a second or so): until then a test bind succeeds
 and another hive would pick the same port. The lock and the reservations live in
-$RBEE_RUNTIME_DIR, default /tmp/rbee-<uid> (mode 0700); a hive confined to a private /tmp
+$RBEE_RUNTIME_DIR, default /tmp/rbee-ports-<uid> (mode 0700); a hive confined to a private /tmp
 (systemd's PrivateTmp) should point RBEE_RUNTIME_DIR at a directory its peers share.
 """
 
@@ -39,7 +39,7 @@ def runtime_dir() -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     base = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
-    path = base / f"rbee-{os.getuid()}"
+    path = base / f"rbee-ports-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     st = os.lstat(path)
@@ -79,6 +79,11 @@ def reserve(d: Path, port: int, pid: int, wid: str) -> None:
             if isinstance(r.get("pid"), int) and pid_alive(r["pid"], str(r.get("worker")))}
     live[str(port)] = {"pid": pid, "worker": wid, "home": str(rbee_home()), "at": time.time()}
     atomic_write_json(d / "ports.json", live)
+    # temp files of writers killed mid-write (SIGKILL skips their clean-up)
+    for stale in d.glob(".ports.json.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 60:
+                stale.unlink()
 
 
 def port_free(bind: str, port: int) -> bool:
