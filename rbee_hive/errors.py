@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
 from rbee_common.errors import (  # noqa: F401  (re-exported: raised by rbee-hive)
     InsufficientRam,
     InsufficientVram,
@@ -26,7 +32,55 @@ class ChecksumMismatch(RbeeError):
                     "catalog.toml, then download again.")
 
 
+class DiskFull(RbeeError):
+    """The file system holding rbee's files has no room left; details name the path and bytes."""
 
+    code = "DISK_FULL"
+    default_hint = ("Free space on that file system (`rbee-hive models list`, then "
+                    "`rbee-hive models rm ID`) and run the same command again: a download "
+                    "resumes from the bytes it kept.")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Is this the OS saying the device (or the user's quota) is full?"""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes free to this user on the file system of `path` (or of its nearest parent)."""
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(p).free
+    return None
+
+
+def disk_full(path: Path, needed: int | None, cause: OSError | None = None) -> DiskFull:
+    """The DISK_FULL error for a write of `needed` bytes (None: unknown) at `path`."""
+    from rbee_common.estimate import human_bytes
+
+    free = free_bytes(path)
+    need = f"{human_bytes(needed)} more needed" if needed is not None else "more room needed"
+    return DiskFull(f"no space left on the device holding {path}: {need}, "
+                    f"{human_bytes(free)} free"
+                    + (f" ({cause.strerror})" if cause is not None and cause.strerror else ""),
+                    path=str(path), needed_bytes=needed, free_bytes=free)
+
+
+@contextlib.contextmanager
+def disk_full_as(path: Path, needed: int | None) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised inside the block into DISK_FULL naming `path` and `needed`."""
+    try:
+        yield
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(path, needed, e) from e
+        raise
+
+
+def crashed_hint(wid: str) -> str:
+    """What to do about a crashed worker, with its id filled in."""
+    return (f"Read its log with `rbee-hive worker logs {wid}`, then `rbee-hive worker stop "
+            f"{wid}` to clear the record.")
 
 
 class NoFreePort(RbeeError):
@@ -41,8 +95,6 @@ class LoadingTimeout(RbeeError):
 
     code = "LOADING_TIMEOUT"
     default_hint = "Read the log lines above; a large model may need --timeout to be raised."
-
-
 
 
 class ModelInUse(RbeeError):

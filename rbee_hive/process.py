@@ -34,6 +34,36 @@ def pid_alive(pid: int, wid: str) -> bool:
         return False
 
 
+def find_worker(wid: str, workers_dir: Path) -> int | None:
+    """The pid of the running worker `wid` of this state dir, found without its record.
+
+    For a worker whose record is damaged or was cut short before its pid was written: the
+    process is known by `--worker-id ID` on its command line and its working directory,
+    which rbee-hive sets to the workers dir. None where there is no procfs (macOS).
+    """
+    needle = b"\0--worker-id\0" + wid.encode() + b"\0"
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    try:
+        home = workers_dir.resolve()
+    except OSError:
+        return None
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            if needle not in b"\0" + cmdline or Path(os.readlink(f"/proc/{name}/cwd")) != home:
+                continue
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if pid_alive(int(name), wid):
+            return int(name)
+    return None
+
+
 def _probe_host(bind: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind, bind)
 

@@ -161,7 +161,10 @@ def render_verify(doc: Doc) -> None:
 
 
 def render_removed(doc: Doc) -> None:
-    _print(f"removed {safe(doc['id'])} ({human_bytes(doc.get('freed_bytes'))} freed)")
+    freed = doc.get("freed_bytes")
+    _print(f"removed {safe(doc['id'])} ({human_bytes(freed)} freed)" if freed else
+           f"removed {safe(doc['id'])} (no space freed: its bytes have another name, such as "
+           "the file it was imported from or the Hugging Face cache)")
 
 
 def render_worker(doc: Doc) -> None:

@@ -17,8 +17,18 @@ from rbee_common.fit import Room, default_ctx, fit, room_of
 from rbee_common.progress import Reporter, null_reporter
 from rbee_hive import schemas
 from rbee_hive.devices import backend_reason, detect, find_device
-from rbee_hive.errors import InsufficientRam, InsufficientVram, LoadingTimeout, WorkerCrashed
-from rbee_hive.ports import pick_port
+from rbee_hive.errors import (
+    InsufficientRam,
+    InsufficientVram,
+    LoadingTimeout,
+    NoFreePort,
+    RbeeError,
+    WorkerCrashed,
+    crashed_hint,
+    disk_full,
+    is_disk_full,
+)
+from rbee_hive.ports import pick_port, port_lock, reserve, reserved_ports
 from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
 from rbee_hive.registry import Registry
 from rbee_hive.store import ModelStore
@@ -27,6 +37,9 @@ from worker.errors import BackendUnavailable
 from worker.launch import worker_argv, worker_env
 
 log = logging.getLogger("rbee.hive.spawn")
+
+# how many ports a spawn tries when the one it picked is taken before its worker binds it
+PORT_ATTEMPTS = 5
 
 
 def load_timeout() -> float:
@@ -95,39 +108,83 @@ def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = N
     est = model_estimate(model, ctx)
     bind = bind or os.environ.get("RBEE_WORKER_BIND") or "127.0.0.1"
     token = token or secrets.token_urlsafe(32)
+    tried: set[int] = set()
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        record, proc = _start(model, est, dev, inventory, backend=backend, device=device,
+                              port=port, bind=bind, ctx=ctx, token=token, threads=threads,
+                              avoid=tried)
+        if not wait:
+            return record
+        try:
+            return wait_ready(record, proc, timeout, report)
+        except RbeeError as e:
+            # another program took the port between our choice and the worker's bind
+            if e.code != NoFreePort.code or port is not None or attempt == PORT_ATTEMPTS:
+                raise
+            tried.add(record["port"])
+            report({"event": "log", "message": f"Port {record['port']} was taken before "
+                                               f"{record['id']} could listen on it; trying "
+                                               "another"})
+            reg = Registry()
+            with reg.lock():
+                reg.remove(record["id"])
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _start(model: dict[str, Any], est: Estimate, dev: dict[str, Any],
+           inventory: dict[str, Any], *, backend: str, device: int, port: int | None,
+           bind: str, ctx: int, token: str, threads: int | None,
+           avoid: set[int]) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
+    """Admit, choose a port and start one worker process; its record exists before it does."""
     reg = Registry()
     reg.dir.mkdir(parents=True, exist_ok=True)
     with reg.lock():
-        live = [r for r in reg.all()
-                if r["state"] in schemas.LIVE_STATES and pid_alive(r["pid"], r["id"])]
+        live = [r for r in reg.all() if r["state"] in schemas.LIVE_STATES
+                and (r["pid"] is None or pid_alive(r["pid"], r["id"]))]
         _check_memory(model, est, room_of(dev, live), inventory, live)
-        port = pick_port(port, bind, {r["port"] for r in live})
-        wid = f"{backend}{device}-{secrets.token_hex(3)}"
-        atomic_write_bytes(reg.token_path(wid), token.encode(), mode=0o600)
-        argv = worker_argv(model_path=model["path"], backend=backend, device=device, port=port,
-                           host=bind, worker_id=wid, ctx=ctx, model_id=model["id"],
-                           threads=threads)
-        log.debug("spawning %s", shlex.join(argv))
-        with open(reg.log_path(wid), "ab") as logf:
-            proc = subprocess.Popen(argv, env=worker_env(token, backend, device),
-                                    stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    close_fds=True, cwd=str(reg.dir))
-        url_host = socket.gethostname() if bind in ("0.0.0.0", "::") else bind
-        record = {
-            "schema": schemas.WORKER, "id": wid, "pid": proc.pid, "port": port, "host": bind,
-            "url": f"http://{url_host}:{port}" if ":" not in url_host
-            else f"http://[{url_host}]:{port}",
-            "backend": backend, "device": device, "model": model["id"],
-            "model_path": model["path"], "ctx": ctx, "estimate_bytes": est.total_bytes,
-            "state": schemas.LOADING, "message": None,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "log": str(reg.log_path(wid)),
-        }
-        reg.save(record)
-    if not wait:
-        return record
-    return wait_ready(record, proc, timeout, report)
+        with port_lock() as runtime:
+            chosen = pick_port(port, bind, {r["port"] for r in live} | avoid
+                               | reserved_ports(runtime))
+            wid = f"{backend}{device}-{secrets.token_hex(3)}"
+            url_host = socket.gethostname() if bind in ("0.0.0.0", "::") else bind
+            record: dict[str, Any] = {
+                "schema": schemas.WORKER, "id": wid, "pid": None, "port": chosen, "host": bind,
+                "url": f"http://{url_host}:{chosen}" if ":" not in url_host
+                else f"http://[{url_host}]:{chosen}",
+                "backend": backend, "device": device, "model": model["id"],
+                "model_path": model["path"], "ctx": ctx, "estimate_bytes": est.total_bytes,
+                "state": schemas.LOADING, "message": None,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "log": str(reg.log_path(wid)),
+            }
+            # the record first, the process second: a signal that ends this process at any
+            # point leaves no worker without a record (its pid is found by its id if need be)
+            try:
+                reg.save(record)
+                atomic_write_bytes(reg.token_path(wid), token.encode(), mode=0o600)
+            except OSError as e:
+                reg.remove(wid)
+                if is_disk_full(e):
+                    raise disk_full(reg.dir, None, e) from e
+                raise
+            argv = worker_argv(model_path=model["path"], backend=backend, device=device,
+                               port=chosen, host=bind, worker_id=wid, ctx=ctx,
+                               model_id=model["id"], threads=threads)
+            log.debug("spawning %s", shlex.join(argv))
+            try:
+                with open(reg.log_path(wid), "ab") as logf:
+                    proc = subprocess.Popen(argv, env=worker_env(token, backend, device),
+                                            stdin=subprocess.DEVNULL, stdout=logf,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            close_fds=True, cwd=str(reg.dir))
+            except OSError as e:
+                reg.save({**record, "state": schemas.ERROR, "message": f"could not start: {e}"})
+                raise WorkerCrashed(f"could not start the worker: {e}",
+                                    hint=crashed_hint(wid)) from e
+            record["pid"] = proc.pid
+            reg.save(record)
+            reserve(runtime, chosen, proc.pid, wid)
+    return record, proc
 
 
 def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, timeout: float,
@@ -145,10 +202,12 @@ def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, tim
         if code is not None:
             err = error_from_log(reg.log_path(wid)) or WorkerCrashed(
                 f"worker {wid} exited with status {code} while loading",
-                log_tail=log_tail(reg.log_path(wid)))
+                hint=crashed_hint(wid), log_tail=log_tail(reg.log_path(wid)))
             reg.update(wid, state=schemas.ERROR, message=err.message, exit_code=code)
             raise err
         health = http_health(record["host"], record["port"], timeout=1.0)
+        if health is not None and health.get("worker_id") != wid:
+            health = None  # another program's server on the port: ours failed to bind it
         if health is not None and health.get("status") in (schemas.READY, schemas.BUSY):
             took = time.monotonic() - started
             report({"event": "done", "phase": phase,

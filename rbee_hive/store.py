@@ -1,13 +1,17 @@
 """The model store of one host: GGUF files under $RBEE_HOME/models and their index.
 
 The index is one JSON file, rewritten atomically under a lock; a model is in the index
-only once its file has been verified (GGUF header, size, sha256 when known).
+only once its file has been verified (GGUF header, size, sha256 when known). An index or an
+entry that is not what this module writes is never trusted and never fatal: the file is
+kept aside as `index.json.corrupt-<time>`, named in a warning, and the entry dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -20,7 +24,16 @@ from rbee_common.ggufmeta import GgufInfo, read_gguf_file
 from rbee_common.models import ID_RE, ModelSpec, check_id
 from rbee_common.paths import rbee_home
 from rbee_common.progress import Reporter, null_reporter
-from rbee_hive.errors import ChecksumMismatch, ModelInUse
+from rbee_hive.errors import (
+    ChecksumMismatch,
+    DiskFull,
+    ModelInUse,
+    disk_full,
+    disk_full_as,
+    is_disk_full,
+)
+
+log = logging.getLogger("rbee.hive.store")
 
 INDEX_SCHEMA = "rbee.hive.model-index/v1"
 HASH_CHUNK = 4 * 1024 * 1024
@@ -45,6 +58,41 @@ def sha256_file(path: Path, report: Reporter = null_reporter, phase: str = "veri
             report({"event": "progress", "phase": phase, "completed": done})
     report({"event": "done", "phase": phase})
     return h.hexdigest()
+
+
+# what every index entry holds, and of what type (bool is an int to Python: refused apart)
+_FIELDS: dict[str, type] = {"id": str, "name": str, "source": str, "path": str, "size": int,
+                            "sha256": str, "gguf": dict}
+
+
+def entry_problem(key: str, entry: Any) -> str | None:
+    """Why an index entry cannot be trusted; None when it can."""
+    if not isinstance(entry, dict):
+        return f"is a JSON {type(entry).__name__}, not an object"
+    for field, kind in _FIELDS.items():
+        value = entry.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"has no {field!r}" if field not in entry else \
+                f"has a {field!r} that is not a {kind.__name__}"
+    if entry["id"] != key or not ID_RE.fullmatch(key):
+        return f"is filed under {key!r} but says it is {entry['id']!r}"
+    offset = entry["gguf"].get("data_offset")
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        return "has no integer gguf.data_offset"
+    return None
+
+
+def link_or_copy(src: Path, dst: Path, report: Reporter = null_reporter) -> bool:
+    """Hard-link `src` at `dst`, or copy it where links cannot be made; True if linked."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(dst, None, e) from e
+    with disk_full_as(dst, src.stat().st_size):
+        _copy_with_progress(src, dst, report)
+    return False
 
 
 def gguf_summary(info: GgufInfo) -> dict[str, Any]:
@@ -74,12 +122,52 @@ class ModelStore:
         self.index_path = self.dir / "index.json"
         self.lock_path = self.dir / ".index.lock"
 
+    def _load(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """The index's trustworthy entries, and what is wrong with the rest of it."""
+        doc = read_json(self.index_path, default={})  # unparseable: read_json sets it aside
+        if not isinstance(doc, dict) or not isinstance(doc.get("models", {}), dict):
+            return {}, ["it is not an object with a \"models\" object"]
+        models, problems = {}, []
+        for key, entry in doc.get("models", {}).items():
+            problem = entry_problem(key, entry)
+            if problem is None:
+                models[key] = entry
+            else:
+                problems.append(f"entry {key!r} {problem}")
+        return models, problems
+
     def _read(self) -> dict[str, dict[str, Any]]:
-        doc = read_json(self.index_path, default={}) or {}
-        return dict(doc.get("models", {}))
+        models, problems = self._load()
+        if problems:
+            try:
+                with locked(self.lock_path):
+                    models = self._read_locked()
+            except OSError as e:  # a store this user may read but not write
+                log.warning("%s is damaged: %s; read it without those entries (%s)",
+                            self.index_path, "; ".join(problems), e)
+        return models
+
+    def _read_locked(self) -> dict[str, dict[str, Any]]:
+        """The index (with the lock held): a damaged one is kept aside and rewritten clean."""
+        models, problems = self._load()
+        if not problems:
+            return models
+        # the name rbee_common.files.set_aside gives an unparseable file
+        aside = self.index_path.with_name(f"{self.index_path.name}.corrupt-"
+                                          f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        try:
+            os.link(self.index_path, aside)  # a second name costs no space on a full disk
+            self._write(models)
+            done = f"kept the damaged file as {aside} and rewrote the index without it"
+        except (OSError, DiskFull) as e:
+            done = f"could not set it aside ({e}); read it without those entries"
+        log.warning("%s is damaged: %s; %s", self.index_path, "; ".join(problems), done)
+        return models
 
     def _write(self, models: dict[str, dict[str, Any]]) -> None:
-        atomic_write_json(self.index_path, {"schema": INDEX_SCHEMA, "models": models})
+        doc = {"schema": INDEX_SCHEMA, "models": models}
+        with disk_full_as(self.index_path, len(str(doc))):
+            atomic_write_json(self.index_path, doc)
 
     def list(self) -> list[dict[str, Any]]:
         return sorted(self._read().values(), key=lambda m: m["id"])
@@ -92,17 +180,9 @@ class ModelStore:
 
     def register(self, record: dict[str, Any]) -> dict[str, Any]:
         with locked(self.lock_path):
-            models = self._read()
+            models = self._read_locked()
             models[record["id"]] = record
             self._write(models)
-        return record
-
-    def unregister(self, model_id: str) -> dict[str, Any] | None:
-        with locked(self.lock_path):
-            models = self._read()
-            record = models.pop(model_id, None)
-            if record is not None:
-                self._write(models)
         return record
 
     def resolve(self, ref: str) -> tuple[ModelSpec, dict[str, Any] | None]:
@@ -138,9 +218,22 @@ class ModelStore:
         """Move a verified file into place and register it: the last step of every fetch."""
         dest = self.file_for(spec.id)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-        return self.register(model_record(spec.id, spec.name, str(spec.source), dest, sha256,
-                                          info, revision))
+        moved = _place(tmp, dest)
+        try:
+            record = self.register(model_record(spec.id, spec.name, str(spec.source), dest,
+                                                sha256, info, revision))
+        except BaseException:
+            # not registered, so not in the store: give the file back to the caller (a
+            # download's .part, which the next run registers without transferring again)
+            with contextlib.suppress(OSError):
+                if moved:
+                    os.replace(dest, tmp)
+                else:
+                    dest.unlink()
+            raise
+        if not moved:
+            tmp.unlink(missing_ok=True)
+        return record
 
     def import_file(self, path: Path, model_id: str | None, copy: bool,
                     report: Reporter = null_reporter, sha256: str | None = None
@@ -180,15 +273,11 @@ class ModelStore:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         try:
-            linked = False
-            if not copy:
-                try:
-                    os.link(src, tmp)
-                    linked = True
-                except OSError:
-                    linked = False
-            if not linked:
-                _copy_with_progress(src, tmp, report)
+            if copy:
+                with disk_full_as(tmp, src.stat().st_size):
+                    _copy_with_progress(src, tmp, report)
+            else:
+                link_or_copy(src, tmp, report)
             return self.finish(spec, tmp, digest, info)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -215,20 +304,49 @@ class ModelStore:
         return {"id": model_id, "ok": True, "sha256": actual, "size": path.stat().st_size}
 
     def remove(self, model_id: str, users: list[str], force: bool) -> dict[str, Any]:
-        record = self.get(model_id)
-        if record is None:
-            raise ModelNotFound(f"model {model_id!r} is not registered on this host",
-                                hint="See `rbee-hive models list`.")
-        if users and not force:
-            raise ModelInUse(f"model {model_id!r} is served by worker(s) {', '.join(users)}",
-                             workers=users)
-        self.unregister(model_id)
-        path = Path(record["path"])
-        if path.parent == self.dir:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        return {"id": model_id, "removed": True, "path": str(path),
-                "freed_bytes": record.get("size", 0)}
+        """Delete a model's file, then its entry: the file first, so that on a full disk
+        the rewrite of the index has the room the file leaves."""
+        with locked(self.lock_path):
+            models = self._read_locked()
+            record = models.get(model_id)
+            if record is None:
+                raise ModelNotFound(f"model {model_id!r} is not registered on this host",
+                                    hint="See `rbee-hive models list`.")
+            if users and not force:
+                raise ModelInUse(f"model {model_id!r} is served by worker(s) "
+                                 f"{', '.join(users)}", workers=users)
+            path = Path(record["path"])
+            freed = 0
+            if path.parent == self.dir:
+                try:
+                    st = path.stat()
+                    path.unlink()
+                    # bytes with another name (the imported original, the HF cache) stay
+                    freed = st.st_size if st.st_nlink == 1 else 0
+                except FileNotFoundError:
+                    pass
+            del models[model_id]
+            self._write(models)
+        return {"id": model_id, "removed": True, "path": str(path), "freed_bytes": freed}
+
+
+def _place(tmp: Path, dest: Path) -> bool:
+    """Put `tmp` at `dest`: renamed (True) or, across file systems, linked or copied with
+    `tmp` left in place (False) until the caller is done with it."""
+    try:
+        os.replace(tmp, dest)
+        return True
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    # downloads/ on another file system than models/ (a models dir symlinked elsewhere)
+    staged = dest.with_name(f".{dest.name}.tmp")
+    try:
+        link_or_copy(tmp, staged)
+        os.replace(staged, dest)
+    finally:
+        staged.unlink(missing_ok=True)
+    return False
 
 
 def _copy_with_progress(src: Path, dst: Path, report: Reporter) -> None:

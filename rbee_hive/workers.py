@@ -5,15 +5,43 @@ Starting a worker is rbee_hive.spawn's job; its records live in rbee_hive.regist
 
 from __future__ import annotations
 
+import calendar
 import contextlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from rbee_hive import schemas
-from rbee_hive.errors import WorkerCrashed, WorkerNotFound
-from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
+from rbee_hive.errors import WorkerCrashed, WorkerNotFound, crashed_hint
+from rbee_hive.process import cuda_devices_of, find_worker, http_health, pid_alive, terminate
 from rbee_hive.registry import Registry
 from rbee_hive.worker_logs import error_from_log, log_tail
+
+# how long a record may say "pid": null before its start counts as cut short (the pid is
+# written milliseconds after the record; a worker that did start is found by its id)
+START_GRACE_S = 30.0
+
+
+def _pid_of(reg: Registry, record: dict[str, Any]) -> int | None:
+    """The worker's pid: from its record, or (a spawn cut short before it was written) found
+    by its worker id, and then written into the record."""
+    if record.get("pid") is not None:
+        return int(record["pid"])
+    pid = find_worker(record["id"], reg.dir)
+    if pid is not None:
+        with contextlib.suppress(WorkerNotFound):
+            reg.update(record["id"], pid=pid)
+    return pid
+
+
+def _still_starting(record: dict[str, Any]) -> bool:
+    """Could a record without a pid (and no process of its id) still be starting?"""
+    try:
+        created = calendar.timegm(time.strptime(str(record.get("created_at")),
+                                                "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return False
+    return time.time() - created < START_GRACE_S
 
 
 def _refresh(reg: Registry, record: dict[str, Any]) -> dict[str, Any]:
@@ -21,14 +49,21 @@ def _refresh(reg: Registry, record: dict[str, Any]) -> dict[str, Any]:
     if record["state"] not in schemas.LIVE_STATES:
         return {**record, "log_tail": log_tail(reg.log_path(record["id"]), 10)}
     wid = record["id"]
-    if not pid_alive(record["pid"], wid):
+    pid = _pid_of(reg, record)
+    if pid is None and _still_starting(record):
+        return record
+    record = {**record, "pid": pid}
+    if pid is None or not pid_alive(pid, wid):
         err = error_from_log(reg.log_path(wid))
-        message = err.message if err else "the worker process is gone"
+        message = err.message if err else "the worker process is gone" if pid is not None \
+            else "its start was cut short before the worker process ran"
         with contextlib.suppress(WorkerNotFound):
             reg.update(wid, state=schemas.DEAD, message=message)
         return {**record, "state": schemas.DEAD, "message": message,
                 "log_tail": log_tail(reg.log_path(wid), 10)}
     health = http_health(record["host"], record["port"], timeout=1.0)
+    if health is not None and health.get("worker_id") != wid:
+        health = None  # the port answers for another worker, not this one
     if health is None:
         if record["state"] == schemas.LOADING:
             return record  # not listening yet
@@ -55,12 +90,17 @@ def health(wid: str) -> dict[str, Any]:
     """The worker's own /health document; WORKER_CRASHED if it is gone or silent."""
     reg = Registry()
     record = reg.get(wid)
-    if not pid_alive(record["pid"], wid):
-        raise WorkerCrashed(f"worker {wid} is not running", log_tail=log_tail(reg.log_path(wid)))
+    pid = _pid_of(reg, record)
+    if pid is None or not pid_alive(pid, wid):
+        raise WorkerCrashed(f"worker {wid} is not running", hint=crashed_hint(wid),
+                            log_tail=log_tail(reg.log_path(wid)))
     doc = http_health(record["host"], record["port"], timeout=2.0)
+    if doc is not None and doc.get("worker_id") != wid:
+        doc = None  # the port answers for another worker, not this one
     if doc is None:
         raise WorkerCrashed(f"worker {wid} is running but not answering /health on "
-                            f"{record['url']}", log_tail=log_tail(reg.log_path(wid)))
+                            f"{record['url']}", hint=crashed_hint(wid),
+                            log_tail=log_tail(reg.log_path(wid)))
     return doc
 
 
@@ -72,10 +112,25 @@ def token(wid: str) -> str:
 
 
 def stop(wid: str, grace: float = 10.0) -> dict[str, Any]:
-    """End the worker's process (SIGTERM, then SIGKILL after `grace`) and remove its files."""
+    """End the worker's process (SIGTERM, then SIGKILL after `grace`) and remove its files.
+
+    A worker whose record is damaged is stopped too: its process is found by its worker id
+    (a damaged record's pid is not trusted) and every file it left is removed.
+    """
     reg = Registry()
-    record = reg.get(wid)
-    used = terminate(record["pid"], wid, grace, cuda_devices_of(record))
+    try:
+        record = reg.get(wid)
+    except WorkerNotFound:
+        if not reg.remains(wid):
+            raise
+        pid = find_worker(wid, reg.dir)
+        used = terminate(pid, wid, grace) if pid is not None else None
+        with reg.lock():
+            reg.remove(wid)
+        return {"schema": schemas.STOPPED, "id": wid, "was": "damaged", "signal": used,
+                "model": None}
+    pid = _pid_of(reg, record)
+    used = terminate(pid, wid, grace, cuda_devices_of(record)) if pid is not None else None
     with reg.lock():
         reg.remove(wid)
     return {"schema": schemas.STOPPED, "id": wid, "was": record["state"], "signal": used,
@@ -83,14 +138,22 @@ def stop(wid: str, grace: float = 10.0) -> dict[str, Any]:
 
 
 def stop_all(grace: float = 10.0) -> list[dict[str, Any]]:
-    """Stop every worker of this host, in parallel."""
-    ids = [r["id"] for r in Registry().all()]
+    """Stop every worker of this host, in parallel (those with damaged records too)."""
+    reg = Registry()
+    ids = [r["id"] for r in reg.all()] + reg.orphan_ids()
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(ids)))) as pool:
         return list(pool.map(lambda w: stop(w, grace), ids))
 
 
 def users_of(model_id: str) -> list[str]:
     """Ids of the live workers serving `model_id`."""
-    return [r["id"] for r in Registry().all()
-            if r["model"] == model_id and r["state"] in schemas.LIVE_STATES
-            and pid_alive(r["pid"], r["id"])]
+    reg = Registry()
+    out = []
+    for r in reg.all():
+        if r["model"] != model_id or r["state"] not in schemas.LIVE_STATES:
+            continue
+        pid = _pid_of(reg, r)
+        if (pid is not None and pid_alive(pid, r["id"])) or (pid is None
+                                                             and _still_starting(r)):
+            out.append(r["id"])
+    return out

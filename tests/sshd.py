@@ -121,7 +121,10 @@ class SshLab:
             if known:
                 with open(ssh_dir / "known_hosts", "a") as f:
                     f.write(sshd.known_hosts_line)
+            # each "host" has its own Hugging Face cache, as separate machines do (rbee
+            # shares downloads with it; the login's HOME is the real user's)
             host_env = {"RBEE_HOME": str(d / "rbee-home"), "RBEE_CONFIG_DIR": str(d / "config"),
+                        "HF_HOME": str(d / "hf"),
                         **({"HF_ENDPOINT": os.environ["HF_ENDPOINT"]}
                            if "HF_ENDPOINT" in os.environ else {}), **(env or {})}
             pairs = ", ".join(f'{k} = "{v}"' for k, v in host_env.items())

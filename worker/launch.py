@@ -99,9 +99,33 @@ def worker_argv(*, model_path: str, backend: str, device: int | Sequence[int], p
     return argv
 
 
+# What a worker inherits from the hive: an allow-list, so a secret the hive holds (HF_TOKEN,
+# SSH_AUTH_SOCK, cloud keys, the queen's token) never reaches a process that serves HTTP.
+# The worker needs to find its interpreter and libraries, its locale, and the knobs of
+# llama.cpp and the GPU runtimes; nothing else.
+_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "DYLD_LIBRARY_PATH", "DYLD_FALLBACK_LIBRARY_PATH",
+    "VIRTUAL_ENV", "CONDA_PREFIX",
+    "RBEE_WORKER_THREADS", "RBEE_LLAMA_EXTRA_BUFTS", "RBEE_DEBUG",
+})
+_ENV_PREFIXES = (
+    "LC_", "PYTHON",
+    "CUDA_", "NVIDIA_", "HIP_", "HSA_", "ROCM_", "ROCR_", "GPU_DEVICE_ORDINAL",
+    "METAL_", "MTL_", "GGML_", "LLAMA_",
+    "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_",
+)
+
+
+def passes_to_worker(name: str) -> bool:
+    """Is this variable of the hive's environment one a worker gets?"""
+    return name in _ENV_NAMES or name.startswith(_ENV_PREFIXES)
+
+
 def worker_env(token: str, backend: str, device: int | Sequence[int]) -> dict[str, str]:
-    """The worker's environment: the token (never argv, where `ps` shows it) and its device."""
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    """The worker's environment: the allowed part of ours, the token (never argv, where `ps`
+    shows it) and its devices."""
+    env = {k: v for k, v in os.environ.items() if passes_to_worker(k)}
     env[TOKEN_ENV] = token
     env["PYTHONUNBUFFERED"] = "1"
     if backend == Backend.cuda:
