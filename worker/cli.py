@@ -91,6 +91,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from worker.app import WorkerSettings, create_app
     from worker.engine import Engine, EngineSettings, default_threads
+    from worker.server import http_protocol
 
     token = _token(args)
     engine = Engine(EngineSettings(model_path=args.model, backend=args.backend, ctx=args.ctx,
@@ -109,8 +110,8 @@ def serve(args: argparse.Namespace) -> int:
             state.cancel_current()  # a running job ends within one token
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                   timeout_graceful_shutdown=5))
+    server = Server(uvicorn.Config(app, http=http_protocol(), log_level="warning",
+                                   access_log=False, lifespan="off", timeout_graceful_shutdown=5))
     state.request_exit = lambda: setattr(server, "should_exit", True)
 
     def load() -> None:
