@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rbee_common.http import connect
 from tests.test_worker_api import Worker, start_worker
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO and delayed-ACK "
@@ -89,3 +91,27 @@ def test_tokens_do_not_wait_for_a_client_that_delays_its_acks(worker: Worker) ->
             firsts.append(_read_response(sock, t0, delay_acks=True))
     assert min(firsts) < 25, firsts
 
+
+def _data_segments_out(sock: socket.socket) -> int:
+    """Segments with new data this socket sent (retransmissions, e.g. tail-loss probes, not)."""
+    # struct tcp_info: tcpi_total_retrans is the u32 at byte 100, tcpi_data_segs_out the one
+    # at byte 156 (Linux 4.6+)
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    (retrans,), (out,) = struct.unpack_from("I", info, 100), struct.unpack_from("I", info, 156)
+    return int(out - retrans)
+
+
+@linux_only
+def test_rbee_clients_send_a_request_in_one_segment_with_nodelay(worker: Worker) -> None:
+    conn = connect(worker.url, timeout=5)
+    try:
+        conn.request("POST", "/cancel", body=json.dumps({"job_id": "nothing"}).encode(),
+                     headers={"Authorization": f"Bearer {worker.token}",
+                              "Content-Type": "application/json"})
+        assert conn.sock is not None
+        assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        resp = conn.getresponse()
+        assert resp.status == 202 and json.loads(resp.read())["cancelling"] is False
+        assert _data_segments_out(conn.sock) == 1  # read once the worker has answered it all
+    finally:
+        conn.close()
