@@ -21,9 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rbee_common.names import is_gpu
+from rbee_common.names import StopReason, is_gpu
 from worker.errors import BackendUnavailable, InvalidRequest, ModelLoadFailed
-from worker.schemas import StopReason
 
 log = logging.getLogger("rbee.worker")
 
