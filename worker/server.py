@@ -13,7 +13,6 @@ itself, and setting it sends the pending ACK at once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import socket
@@ -27,7 +26,9 @@ from rbee_common.errors import RbeeError
 from rbee_common.names import HealthStatus
 from worker.errors import ModelLoadFailed
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # asyncio costs 50 ms to import, before the model load could start
+    import asyncio
+
     from worker.engine import Engine
 
 log = logging.getLogger("rbee.worker")
