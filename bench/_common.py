@@ -50,7 +50,8 @@ class Sandbox:
         cmd = [str(BIN / argv[0]), *argv[1:]] if (BIN / argv[0]).exists() else list(argv)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**self.env, **env})
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}")
+            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}"
+                               f"{proc.stdout[-3000:]}")
         return proc
 
     def json(self, *argv: str, **env: str) -> Any:
