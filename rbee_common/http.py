@@ -13,8 +13,8 @@ class Connection(http.client.HTTPConnection):
     """An HTTPConnection that writes a request's headers and body in one write, TCP_NODELAY on.
 
     http.client writes the headers, then the body: two segments, and on a connection without
-    TCP_NODELAY the body waits for the ACK of the headers, which the server may delay by up to
-    40 ms. One write cannot wait on anything; TCP_NODELAY keeps small writes from waiting too.
+    TCP_NODELAY the body waits for the ACK of the headers, which the server may delay by 40 ms
+    or more. One write cannot wait on anything; TCP_NODELAY keeps small writes from waiting.
     """
 
     def connect(self) -> None:

@@ -3,8 +3,8 @@ uvicorn serves with every accepted connection tuned for latency.
 
 A request whose body is written after its headers (two writes, as many HTTP clients do)
 can wait for TCP: a client with Nagle's algorithm on holds the body until the worker ACKs
-the headers, and Linux delays that ACK by up to 40 ms on a keep-alive connection that has
-already answered a request. The worker's own small writes (response headers, then one SSE
+the headers, and Linux delays that ACK by 40 ms or more on a keep-alive connection that
+has already answered a request. The worker's own small writes (response headers, then one SSE
 event a token) wait the same way without TCP_NODELAY, which asyncio sets only on sockets
 made with proto IPPROTO_TCP (a plain `socket.socket()` has proto 0). So every connection
 gets TCP_NODELAY, and TCP_QUICKACK is re-armed each time data arrives: Linux clears it by
@@ -75,7 +75,8 @@ class Loading:
 
     Loading needs only llama_cpp, and llama.cpp releases the GIL while it reads weights (and,
     checking the backend, while CUDA starts), so the HTTP stack (pydantic, starlette,
-    uvicorn) imports meanwhile: start-up costs about max(load, imports), not their sum.
+    uvicorn) imports meanwhile: with a core free, start-up costs about max(load, imports)
+    rather than their sum. (llama.cpp's log lines still need the GIL, one callback each.)
     """
 
     def __init__(self, engine: Engine) -> None:
