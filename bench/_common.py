@@ -50,7 +50,8 @@ class Sandbox:
         cmd = [str(BIN / argv[0]), *argv[1:]] if (BIN / argv[0]).exists() else list(argv)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**self.env, **env})
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}")
+            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}"
+                               f"{proc.stdout[-3000:]}")
         return proc
 
     def json(self, *argv: str, **env: str) -> Any:
@@ -104,3 +105,33 @@ def emit(doc: dict[str, Any], out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+
+
+def cuda_unavailable() -> str | None:
+    """Why CUDA cannot run here, or None when it can: an NVML device (rbee-hive's own check)
+    and a llama-cpp-python build that offloads to it."""
+    from rbee_hive.devices import detect
+
+    reason = next(b["reason"] for b in detect()["backends"] if b["name"] == "cuda")
+    if reason is not None:
+        return str(reason)
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "this llama-cpp-python build cannot offload to a GPU"
+    return None
+
+
+def worker_ttft_total_ms(url: str, token: str) -> float:
+    """A worker's own time-to-first-token, summed over its jobs so far (its /metrics)."""
+    from rbee_common.http import connect
+
+    conn = connect(url, 5)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("rbee_worker_time_to_first_token_seconds_sum"))
+    return float(line.split()[-1]) * 1000

@@ -1,10 +1,13 @@
 """Token streaming, side by side on one model and prompt: `rbee infer` on a warm worker vs
 llama-cpp-python in-process vs `python -m llama_cpp.server` (OpenAI streaming).
 
-Every contender runs greedy decoding with the same threads, context and prompt, one after
-the other; time to first token and tokens/s are measured by the client in each case.
+Every contender runs greedy decoding with the same threads, context, prompt and device, one
+after the other; time to first token and tokens/s are measured by the client in each case.
+Where CUDA can run (an NVML device and a llama build that offloads), every contender runs on
+it: all layers offloaded (n_gpu_layers -1) and rbee pinned with --backend cuda; --cpu keeps
+them all on the CPU.
 
-    python bench/stream.py [--model PATH.gguf] [--max-tokens 256] [--runs 5]
+    python bench/stream.py [--model PATH.gguf] [--max-tokens 256] [--runs 5] [--cpu]
 """
 
 from __future__ import annotations
@@ -19,19 +22,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import BIN, ROOT, Sandbox, emit, median, model_path, parser, ratio
+from _common import (
+    BIN,
+    ROOT,
+    Sandbox,
+    cuda_unavailable,
+    emit,
+    median,
+    model_path,
+    parser,
+    ratio,
+)
 
 PROMPT = "The capital of France is"
 
 
-def summarise(samples: list[tuple[float, float, int]]) -> dict[str, Any]:
-    """samples: (ttft_ms, decode_ms after the first token, tokens)."""
+def summarise(samples: list[tuple[float, float, int]], text: str = "") -> dict[str, Any]:
+    """samples: (ttft_ms, decode_ms after the first token, tokens); text: one run's answer."""
     return {
         "ttft_ms": median([s[0] for s in samples]),
         "tokens_per_sec": median([(s[2] - 1) / (s[1] / 1000) for s in samples if s[1] > 0]),
         "tokens": median([float(s[2]) for s in samples]),
         "runs": len(samples),
+        "text_head": text[:24],
     }
+
+
+def device_args(args: Any) -> None:
+    """Put every contender on one device: CUDA where it can run (unless --cpu), else the CPU."""
+    args.cuda_unavailable = "--cpu given" if args.cpu else cuda_unavailable()
+    args.backend = "cpu" if args.cuda_unavailable else "cuda"
+    args.gpu_layers = 0 if args.cuda_unavailable else -1
 
 
 def inprocess(model: Path, args: Any) -> dict[str, Any]:
@@ -39,24 +60,26 @@ def inprocess(model: Path, args: Any) -> dict[str, Any]:
 
     from worker.engine import extra_buffer_types_wanted, model_params
 
-    with model_params(use_extra_bufts=extra_buffer_types_wanted("cpu")):
+    with model_params(use_extra_bufts=extra_buffer_types_wanted(args.backend)):
         llm = llama_cpp.Llama(str(model), n_ctx=args.ctx, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False)
-    samples = []
+                              n_threads_batch=args.threads, n_gpu_layers=args.gpu_layers,
+                              verbose=False)
+    samples, text = [], ""
     for i in range(args.runs + 1):
         t0 = time.perf_counter()
         first = last = 0.0
-        n = 0
+        parts = []
         for chunk in llm.create_completion(PROMPT, max_tokens=args.max_tokens, temperature=0.0,
                                            stream=True):
             if chunk["choices"][0]["text"]:
                 last = time.perf_counter()
                 first = first or last
-                n += 1
+                parts.append(chunk["choices"][0]["text"])
         if i:  # the first run warms caches
-            samples.append(((first - t0) * 1000, (last - first) * 1000, n))
+            samples.append(((first - t0) * 1000, (last - first) * 1000, len(parts)))
+            text = "".join(parts)
     llm.close()
-    return summarise(samples)
+    return summarise(samples, text)
 
 
 def free_port() -> int:
@@ -72,7 +95,8 @@ def llama_server(model: Path, args: Any) -> dict[str, Any]:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "_llama_server.py"), "--model", str(model),
          "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-         "--n_ctx", str(args.ctx), "--host", "127.0.0.1", "--port", str(port)],
+         "--n_ctx", str(args.ctx), "--n_gpu_layers", str(args.gpu_layers),
+         "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -86,25 +110,27 @@ def llama_server(model: Path, args: Any) -> dict[str, Any]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("llama_cpp.server did not start")
             time.sleep(0.1)
-        samples = []
+        samples, text = [], ""
         with httpx.Client(timeout=300) as client:
             for i in range(args.runs + 1):
                 body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0,
                         "stream": True}
                 t0 = time.perf_counter()
                 first = last = 0.0
-                n = 0
+                parts = []
                 with client.stream("POST", f"{url}/v1/completions", json=body) as r:
                     for line in r.iter_lines():
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
-                        if json.loads(line[6:])["choices"][0]["text"]:
+                        piece = json.loads(line[6:])["choices"][0]["text"]
+                        if piece:
                             last = time.perf_counter()
                             first = first or last
-                            n += 1
+                            parts.append(piece)
                 if i:
-                    samples.append(((first - t0) * 1000, (last - first) * 1000, n))
-        return summarise(samples)
+                    samples.append(((first - t0) * 1000, (last - first) * 1000, len(parts)))
+                    text = "".join(parts)
+        return summarise(samples, text)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -113,20 +139,29 @@ def llama_server(model: Path, args: Any) -> dict[str, Any]:
 def rbee_warm(model: Path, args: Any) -> dict[str, Any]:
     with Sandbox() as box:
         box.run("rbee-hive", "models", "import", str(model), "--id", "bench")
-        infer = ["rbee", "infer", "--model", "bench", "--prompt", PROMPT, "--max-tokens",
-                 str(args.max_tokens), "--temperature", "0", "--ctx", str(args.ctx)]
-        cold = box.json(*infer)
-        samples, walls = [], []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            doc = box.json(*infer)
-            walls.append((time.perf_counter() - t0) * 1000)
-            assert doc["placement"]["path"] == "warm", doc["placement"]
-            t = doc["timings"]
-            samples.append((t["ttft_ms"], t["stream_ms"] - t["ttft_ms"], doc["tokens"]))
-        return {**summarise(samples), "process_wall_ms": median(walls),
-                "cold_total_ms": cold["timings"]["total_ms"],
-                "worker_threads": os.cpu_count()}
+        return infer_runs(box, "bench", args)
+
+
+def infer_runs(box: Sandbox, model_id: str, args: Any) -> dict[str, Any]:
+    """`rbee infer` once (cold, unless a worker already serves the model), then warm runs."""
+    infer = ["rbee", "infer", "--model", model_id, "--prompt", PROMPT, "--max-tokens",
+             str(args.max_tokens), "--temperature", "0", "--ctx", str(args.ctx),
+             "--backend", args.backend]
+    cold = box.json(*infer)
+    samples, walls, worker_ttft, worker_rate = [], [], [], []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        doc = box.json(*infer)
+        walls.append((time.perf_counter() - t0) * 1000)
+        assert doc["placement"]["path"] == "warm", doc["placement"]
+        assert doc["worker"]["backend"] == args.backend, doc["worker"]
+        t = doc["timings"]
+        samples.append((t["ttft_ms"], t["stream_ms"] - t["ttft_ms"], doc["tokens"]))
+        worker_ttft.append(t["worker_ttft_ms"])
+        worker_rate.append(t["tokens_per_sec"])
+    return {**summarise(samples, doc["text"]), "worker_ttft_ms": median(worker_ttft),
+            "worker_tokens_per_sec": median(worker_rate), "process_wall_ms": median(walls),
+            "cold_total_ms": cold["timings"]["total_ms"], "worker_threads": os.cpu_count()}
 
 
 def main() -> None:
@@ -135,9 +170,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--cpu", action="store_true", help="keep every contender on the CPU")
     args = p.parse_args()
     if args.quick:
         args.max_tokens, args.runs = 32, 1
+    device_args(args)
     with Sandbox() as scratch:
         model = model_path(args.model, scratch.root)
         results = {
@@ -148,7 +185,9 @@ def main() -> None:
     r, base, server = (results[k] for k in ("rbee_infer_warm", "llama_cpp_inprocess",
                                            "llama_cpp_server"))
     emit({"benchmark": "stream", "model": str(model), "prompt": PROMPT,
-          "max_tokens": args.max_tokens, "threads": args.threads, "results": results,
+          "max_tokens": args.max_tokens, "threads": args.threads, "backend": args.backend,
+          "n_gpu_layers": args.gpu_layers, "cuda_unavailable": args.cuda_unavailable,
+          "results": results,
           "ratios": {
               "rbee_vs_inprocess_tokens_per_sec": ratio(r["tokens_per_sec"],
                                                         base["tokens_per_sec"]),

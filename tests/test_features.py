@@ -19,6 +19,7 @@ from pytest_bdd import given, parsers, scenarios, then, when
 from tests.conftest import Env, SshPool
 from tests.helpers import Result, popen, run
 from tests.hubserver import HubServer
+from tests.oversize import cpu_memory_total, ctx_beyond
 
 scenarios("inference.feature", "models.feature", "config.feature")
 
@@ -148,6 +149,16 @@ def catalog_toml(rbee_env: Env, docstring: str) -> None:
 def i_run(world: World, command: str) -> None:
     argv = shlex.split(command)
     world.result = run(argv[0], *argv[1:], env=world.env)
+
+
+@when(parsers.parse('I spawn "{model}" on the CPU with a context whose KV cache alone exceeds '
+                    "this machine's RAM"))
+def spawn_beyond_ram(world: World, model: str) -> None:
+    # derived from this machine's memory: a fixed --ctx (once 300000000, 72 GiB) fits on a
+    # big enough host
+    ctx = ctx_beyond(model, cpu_memory_total())
+    world.result = run("rbee-hive", "worker", "spawn", "cpu", "--model", model, "--ctx",
+                       str(ctx), "--format", "json", env=world.env)
 
 
 @when(parsers.re(r"I start `(?P<command>.+)`$"))

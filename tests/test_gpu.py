@@ -8,6 +8,7 @@ import pytest
 
 from tests.conftest import Env
 from tests.helpers import error_of, run, sse_events
+from tests.oversize import ctx_beyond
 
 pytestmark = pytest.mark.gpu
 
@@ -40,12 +41,17 @@ def test_cuda_worker_runs_entirely_in_vram(cuda: dict, tiny_registered: str) -> 
 
 
 def test_cuda_insufficient_vram_names_figures(cuda: dict, tiny_registered: str) -> None:
-    r = run("rbee-hive", "worker", "spawn", "cuda", "--model", "tiny", "--ctx", "1000000000",
+    # Held against the card's total, which no other worker changes: its free memory, read
+    # while an earlier test's worker was still letting go of ~770 MB, raced the spawn's.
+    ctx = ctx_beyond(tiny_registered, cuda["memory_total"])
+    r = run("rbee-hive", "worker", "spawn", "cuda", "--model", "tiny", "--ctx", str(ctx),
             "--format", "json")
-    assert r.returncode == 1
+    assert r.returncode == 1, r
     err = error_of(r)
     assert err["code"] == "INSUFFICIENT_VRAM"
-    assert err["details"]["available_bytes"] < cuda["memory_free"]
+    d = err["details"]
+    assert d["available_bytes"] < cuda["memory_total"] < d["required_bytes"]
+    assert f"at ctx {ctx} needs" in err["message"] and "VRAM" in err["message"]
 
 
 def test_cuda_placement_prefers_the_gpu(cuda: dict, tiny_registered: str) -> None:

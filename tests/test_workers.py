@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import Env
 from tests.helpers import error_of, run, sse_events
+from tests.oversize import cpu_memory_total, ctx_beyond
 
 
 def spawn(*args: str, env: dict[str, str] | None = None) -> dict:
@@ -122,7 +123,8 @@ def test_ten_concurrent_spawns_get_ten_ports_and_records(tiny_registered: str) -
 
 def test_insufficient_ram_gives_figures_and_suggestions(tiny_registered: str,
                                                        rbee_env: Env) -> None:
-    r = run("rbee-hive", "worker", "spawn", "cpu", "--model", "tiny", "--ctx", "300000000",
+    ctx = ctx_beyond(tiny_registered, cpu_memory_total())  # 300000000 fits a 125 GiB host
+    r = run("rbee-hive", "worker", "spawn", "cpu", "--model", "tiny", "--ctx", str(ctx),
             "--format", "json")
     assert r.returncode == 1
     err = error_of(r)

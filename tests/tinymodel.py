@@ -1,5 +1,7 @@
-"""A tiny llama-architecture GGUF that real llama.cpp loads: written by tests and benchmarks.
+"""A llama-architecture GGUF that real llama.cpp loads: written by tests and benchmarks.
 
+`write_tiny_model` writes the tests' tiny model (about 430 KB); `write_model` writes any
+`Shape`, e.g. `REALISTIC` (TinyLlama 1.1B's layers, F16, about 1.9 GB) for bench/gpu.py.
 Weights are random and small, except for a planted next-token table: every token's
 embedding is a one-hot "slot" and the output matrix maps each slot to its successor, so
 generation is predictable whatever the sampling settings:
@@ -14,12 +16,12 @@ That lets tests assert exact text, stop sequences, EOS and long streams (for can
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 CYCLE = "abcdefghijklmnopqrstuvwxyz "
-N_EMBD, N_LAYERS, N_HEAD, N_HEAD_KV, N_FF = 64, 2, 4, 2, 128
 UNK, BOS, EOS = 0, 1, 2
 BYTE0 = 3  # token id of <0x00>
 
@@ -42,51 +44,82 @@ def successors() -> dict[int, int]:
     return nxt
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A model's dimensions, the spread of its random layer weights and their storage type."""
+
+    n_embd: int = 64
+    n_layers: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 128
+    layer_std: float = 0.02  # small enough that the planted table survives every layer
+    dtype: str = "F32"  # "F32" or "F16": the matrices (norms stay F32)
+
+
+TINY = Shape()
+# TinyLlama 1.1B's layers with this vocabulary: 969 M parameters, 1.9 GB in F16
+REALISTIC = Shape(n_embd=2048, n_layers=22, n_head=32, n_head_kv=4, n_ff=5632,
+                  layer_std=0.001, dtype="F16")
+
+
 def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
                      chat_template: str | None = None, quant: str | None = None,
-                     n_layers: int = N_LAYERS, name: str = "rbee-tiny-test") -> Path:
-    """Write the model; `quant` ("Q8_0", "Q4_0", …) quantises the layers' matrices, which
-    sends llama.cpp down its quantised kernels (where CPU-specific bugs live); `n_layers`
-    makes it as deep as a real model (llama.cpp's load log grows with it)."""
+                     n_layers: int = TINY.n_layers, name: str = "rbee-tiny-test") -> Path:
+    """Write the tests' tiny model; `quant` ("Q8_0", "Q4_0", …) quantises the layers'
+    matrices, which sends llama.cpp down its quantised kernels (where CPU bugs live);
+    `n_layers` makes it as deep as a real model (llama.cpp's load log grows with it)."""
+    return write_model(path, replace(TINY, n_layers=n_layers), context_length=context_length,
+                       seed=seed, chat_template=chat_template, quant=quant, name=name)
+
+
+def write_model(path: Path, shape: Shape, *, context_length: int = 32768, seed: int = 0,
+                chat_template: str | None = None, quant: str | None = None,
+                name: str = "rbee-tiny-test") -> Path:
+    """Write a model of `shape` with the planted next-token table (see the module doc)."""
     import gguf
 
     rng = np.random.default_rng(seed)
     n_vocab = BYTE0 + 256
-    hd = N_EMBD // N_HEAD
+    n_embd, n_layers, n_head, n_head_kv, n_ff = (
+        shape.n_embd, shape.n_layers, shape.n_head, shape.n_head_kv, shape.n_ff)
+    hd = n_embd // n_head
+    fdtype = {"F32": np.float32, "F16": np.float16}[shape.dtype]
     table = successors()
     slots = {tok: i for i, tok in enumerate(sorted(table))}  # one embedding slot each
     default_slot = len(slots)  # every other token shares one, and is followed by "a"
 
-    embd = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
+    embd = np.zeros((n_vocab, n_embd), dtype=np.float32)
     for tok in range(n_vocab):
-        embd[tok, slots.get(tok, default_slot)] = np.sqrt(N_EMBD)
-    out = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
+        embd[tok, slots.get(tok, default_slot)] = np.sqrt(n_embd)
+    out = np.zeros((n_vocab, n_embd), dtype=np.float32)
     for tok, slot in slots.items():
         out[table[tok], slot] = 4.0
     out[byte_token("a"), default_slot] = 4.0
 
-    def small(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    def small(*dims: int) -> np.ndarray:
+        return (rng.standard_normal(dims) * shape.layer_std).astype(np.float32)
 
-    def matrix(name: str, *shape: int) -> None:
-        data = small(*shape)
+    def matrix(tensor: str, *dims: int) -> None:
+        data = small(*dims)
         if qtype is None:
-            w.add_tensor(name, data)
+            w.add_tensor(tensor, data.astype(fdtype))
         else:
-            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            w.add_tensor(tensor, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
     w.add_context_length(context_length)
-    w.add_embedding_length(N_EMBD)
+    w.add_embedding_length(n_embd)
     w.add_block_count(n_layers)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
     qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
-    w.add_file_type({None: 0, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3}.get(quant, 0))
+    w.add_file_type({None: 0 if shape.dtype == "F32" else 1, "Q8_0": 7, "Q4_0": 2,
+                     "Q4_1": 3}[quant])
     w.add_tokenizer_model("llama")
     tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{i:02X}>".encode() for i in range(256)]
     w.add_token_list(tokens)
@@ -97,19 +130,19 @@ def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
     w.add_unk_token_id(UNK)
     if chat_template:
         w.add_chat_template(chat_template)
-    w.add_tensor("token_embd.weight", embd)
-    w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    w.add_tensor("output.weight", out)
+    w.add_tensor("token_embd.weight", embd.astype(fdtype))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("output.weight", out.astype(fdtype))
     for i in range(n_layers):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        matrix(f"blk.{i}.attn_q.weight", N_HEAD * hd, N_EMBD)
-        matrix(f"blk.{i}.attn_k.weight", N_HEAD_KV * hd, N_EMBD)
-        matrix(f"blk.{i}.attn_v.weight", N_HEAD_KV * hd, N_EMBD)
-        matrix(f"blk.{i}.attn_output.weight", N_EMBD, N_HEAD * hd)
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        matrix(f"blk.{i}.ffn_gate.weight", N_FF, N_EMBD)
-        matrix(f"blk.{i}.ffn_up.weight", N_FF, N_EMBD)
-        matrix(f"blk.{i}.ffn_down.weight", N_EMBD, N_FF)
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        matrix(f"blk.{i}.attn_q.weight", n_head * hd, n_embd)
+        matrix(f"blk.{i}.attn_k.weight", n_head_kv * hd, n_embd)
+        matrix(f"blk.{i}.attn_v.weight", n_head_kv * hd, n_embd)
+        matrix(f"blk.{i}.attn_output.weight", n_embd, n_head * hd)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        matrix(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        matrix(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        matrix(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -15,13 +15,12 @@ import logging
 import os
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rbee_common.errors import RbeeError
-from rbee_common.names import BACKENDS, HealthStatus
+from rbee_common.names import BACKENDS
 from worker.launch import check_devices, parse_devices, parse_split
 from worker.protocol import ERROR_LINE_PREFIX, TOKEN_ENV
 
@@ -106,51 +105,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from worker.app import WorkerSettings, create_app
     from worker.engine import Engine, EngineSettings, default_threads
+    from worker.server import Loading, run
 
     token = _token(args)
     engine = Engine(EngineSettings(model_path=args.model, backend=args.backend, ctx=args.ctx,
                                    threads=args.threads or default_threads(args.backend),
                                    n_devices=len(args.device), tensor_split=args.tensor_split))
-    engine.check_backend()
     sock = _bind(args.host, args.port)
+    loading = Loading(engine)  # first: it runs while the HTTP stack below imports
+    from worker.app import WorkerSettings, create_app
+
     settings = WorkerSettings(worker_id=args.worker_id, model_id=args.model_id or
                               Path(args.model).stem, backend=args.backend, devices=args.device,
                               ctx=args.ctx, token=token)
     app = create_app(settings, engine)
-    state = app.state.worker  # type: ignore[attr-defined]
-    exit_code = 0
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            state.cancel_current()  # a running job ends within one token
-            super().handle_exit(sig, frame)
-
-    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                   timeout_graceful_shutdown=5))
-    state.request_exit = lambda: setattr(server, "should_exit", True)
-
-    def load() -> None:
-        nonlocal exit_code
-        log.info("loading %s (%s, ctx %d)", args.model, args.backend, args.ctx)
-        try:
-            engine.load()
-        except RbeeError as e:
-            state.error, state.status, exit_code = e, HealthStatus.error, 1
-            for line in engine.logs.lines:
-                sys.stderr.write(f"llama.cpp: {line}\n")
-            fail(e)
-            server.should_exit = True
-            return
-        state.status = HealthStatus.ready
-        log.info("ready on %s:%d as %s", args.host, args.port, args.worker_id)
-
-    threading.Thread(target=load, name="load", daemon=True).start()
-    server.run(sockets=[sock])
-    job = state.job
-    if job is not None and job.thread is not None:
-        job.thread.join(timeout=5)
-    return exit_code
+    return run(app, sock, loading, f"{args.host}:{args.port} as {args.worker_id}", fail)

@@ -32,7 +32,7 @@ Feature: Getting models onto a host
 
   Scenario: A model too big for the memory says what it needs and what would fit
     Given "tiny" is on this host
-    When I run `rbee-hive worker spawn cpu --model tiny --ctx 300000000 --format json`
+    When I spawn "tiny" on the CPU with a context whose KV cache alone exceeds this machine's RAM
     Then it fails with exit code 1 and "INSUFFICIENT_RAM"
     And the error gives the required and the available bytes
     And it suggests "--ctx 32768"

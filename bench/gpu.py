@@ -1,0 +1,219 @@
+"""GPU serving, side by side in one run on one model of realistic shape that this script
+writes (TinyLlama 1.1B's layers: 22 × 2048, FFN 5632, 32 heads, 4 KV heads, F16, 1.9 GB)
+with the planted next-token table of tests/tinymodel.py, so the greedy text is known:
+
+- llama-cpp-python in-process (n_gpu_layers=-1): load time, first token, tokens/s;
+- `python -m llama_cpp.server --n_gpu_layers -1`, streaming /v1/completions;
+- the rbee worker's /execute and /v1/completions streams, and a warm `rbee infer`: first
+  token and tokens/s as the client sees them and as the worker reports them;
+- `rbee-hive worker spawn` until ready, against the in-process load;
+- the worker's VRAM from /health against nvidia-smi's figure for its pid.
+
+    python bench/gpu.py [--layers 22] [--max-tokens 256] [--runs 3]
+    python bench/gpu.py --cpu [--layers 4]   # the same measurements on the CPU, smaller
+    python bench/gpu.py --quick              # 2 layers, 16 tokens, one run (the CI smoke)
+
+Without a CUDA device (NVML) or a llama build that offloads, it prints one line saying so
+(a JSON document with "skipped") and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    BIN,
+    Sandbox,
+    cuda_unavailable,
+    emit,
+    median,
+    parser,
+    ratio,
+    worker_ttft_total_ms,
+)
+from stream import PROMPT, infer_runs, inprocess, llama_server, summarise
+
+from tests.tinymodel import CYCLE, REALISTIC, write_model
+
+
+def expected_text(n: int) -> str:
+    """What the planted table makes of PROMPT: the cycle, from the letter after its last."""
+    start = CYCLE.index(PROMPT[-1]) + 1
+    return (CYCLE * (n // len(CYCLE) + 2))[start:start + n]
+
+
+def inprocess_loads(model: Path, args: Any) -> list[float]:
+    import llama_cpp
+
+    from worker.engine import extra_buffer_types_wanted, model_params
+
+    loads = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        with model_params(use_extra_bufts=extra_buffer_types_wanted(args.backend)):
+            llm = llama_cpp.Llama(str(model), n_ctx=args.ctx, n_gpu_layers=args.gpu_layers,
+                                  n_threads=args.threads, verbose=False)
+        loads.append((time.perf_counter() - t0) * 1000)
+        llm.close()
+    return loads
+
+
+def execute_stream(url: str, token: str, args: Any) -> dict[str, Any]:
+    """The worker's own protocol, read by rbee's own client (what `rbee infer` uses)."""
+    from rbee_keeper.worker_client import execute
+
+    samples, own_ttft, own_rate, text = [], [], [], ""
+    for i in range(args.runs + 1):
+        body = {"job_id": f"bench-{i}", "prompt": PROMPT, "max_tokens": args.max_tokens,
+                "temperature": 0}
+        out = execute(url, token, body, lambda _t: None)
+        assert out.end is not None and out.ttft_ms is not None
+        if i:
+            samples.append((out.ttft_ms, out.total_ms - out.ttft_ms, out.tokens))
+            own_ttft.append(out.end["ttft_ms"])
+            own_rate.append(out.end["tokens_per_sec"])
+            text = "".join(out.text)
+    return {**summarise(samples, text), "worker_ttft_ms": median(own_ttft),
+            "worker_tokens_per_sec": median(own_rate)}
+
+
+def completions_stream(url: str, token: str, args: Any) -> dict[str, Any]:
+    """The worker's OpenAI route, streamed as an OpenAI client reads it."""
+    import httpx
+
+    samples, own_ttft, text = [], [], ""
+    body = {"model": "bench", "prompt": PROMPT, "max_tokens": args.max_tokens,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {token}"}) as client:
+        for i in range(args.runs + 1):
+            before = worker_ttft_total_ms(url, token)
+            t0 = time.perf_counter()
+            first = last = 0.0
+            parts = []
+            with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    piece = json.loads(line[6:])["choices"][0]["text"]
+                    if piece:
+                        last = time.perf_counter()
+                        first = first or last
+                        parts.append(piece)
+            if i:
+                samples.append(((first - t0) * 1000, (last - first) * 1000, len(parts)))
+                own_ttft.append(worker_ttft_total_ms(url, token) - before)
+                text = "".join(parts)
+    return {**summarise(samples, text), "worker_ttft_ms": median(own_ttft)}
+
+
+def nvidia_smi_bytes(pid: int) -> int | None:
+    """What nvidia-smi says the process holds on the GPU (None without nvidia-smi or entry)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
+            return int(fields[1]) * 1024 * 1024
+    return None
+
+
+def rbee_worker(box: Sandbox, args: Any) -> dict[str, Any]:
+    """Spawn-to-ready (runs times), then the kept worker's streams, VRAM and warm infer."""
+    from rbee_common.http import get_health
+
+    spawn = ["rbee-hive", "worker", "spawn", args.backend, "--model", "bench", "--ctx",
+             str(args.ctx)]
+    ready, walls = [], []
+    for i in range(args.runs):
+        t0 = time.perf_counter()
+        rec = box.json(*spawn)
+        walls.append((time.perf_counter() - t0) * 1000)
+        ready.append(rec["ready_s"] * 1000)
+        if i < args.runs - 1:
+            box.run("rbee-hive", "worker", "stop", rec["id"])
+    token = box.run("rbee-hive", "worker", "token", rec["id"]).stdout.strip()
+    health = get_health(rec["url"]) or {}
+    vram = {"health_bytes": health.get("vram_bytes"),
+            "nvidia_smi_bytes": nvidia_smi_bytes(rec["pid"]) if args.backend == "cuda" else None}
+    vram["health_vs_nvidia_smi"] = ratio(vram["health_bytes"] or 0,
+                                         vram["nvidia_smi_bytes"] or 0)
+    results = {
+        "rbee_execute": execute_stream(rec["url"], token, args),
+        "rbee_v1_completions": completions_stream(rec["url"], token, args),
+        "rbee_infer_warm": infer_runs(box, "bench", args),  # finds this idle worker
+    }
+    box.run("rbee-hive", "worker", "stop", rec["id"])
+    return {"results": results, "vram": vram,
+            "spawn": {"spawn_to_ready_ms": median(ready), "spawn_command_wall_ms": median(walls)}}
+
+
+def main() -> None:
+    p = parser(__doc__ or "")
+    p.add_argument("--cpu", action="store_true", help="measure on the CPU (use fewer --layers)")
+    p.add_argument("--layers", type=int,
+                   help=f"the model's layers (default {REALISTIC.n_layers}; 4 with --cpu, 2 with "
+                        "--quick)")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    if args.model is not None:
+        p.error("bench/gpu.py writes its own model (--layers sets its size)")
+    reason = None if args.cpu else cuda_unavailable()
+    if reason is not None:
+        print(json.dumps({"benchmark": "gpu", "skipped": f"no CUDA here: {reason}"}))
+        return
+    args.backend, args.gpu_layers = ("cpu", 0) if args.cpu else ("cuda", -1)
+    args.max_tokens = args.max_tokens or (32 if args.cpu else 256)
+    args.layers = args.layers or (2 if args.quick else 4 if args.cpu else REALISTIC.n_layers)
+    if args.quick:
+        args.runs, args.max_tokens = 1, min(args.max_tokens, 16)
+    with Sandbox() as box:
+        shape = replace(REALISTIC, n_layers=args.layers)
+        t0 = time.perf_counter()
+        model = write_model(box.root / "bench.gguf", shape, name="rbee-bench-llama")
+        written_s, size = time.perf_counter() - t0, model.stat().st_size
+        box.run("rbee-hive", "models", "import", str(model), "--id", "bench")
+        rbee = rbee_worker(box, args)
+        loads = inprocess_loads(model, args)
+        results = {"llama_cpp_inprocess": {**inprocess(model, args),
+                                           "load_ms": median(loads)},
+                   "llama_cpp_server": llama_server(model, args), **rbee["results"]}
+    want = expected_text(24)
+    for r in results.values():
+        r["text_ok"] = r["text_head"] == want[:len(r["text_head"])] and bool(r["text_head"])
+    base, load = results["llama_cpp_inprocess"], results["llama_cpp_inprocess"]["load_ms"]
+    spawn = {**rbee["spawn"], "inprocess_load_ms": load,
+             "ready_minus_inprocess_load_ms": round(rbee["spawn"]["spawn_to_ready_ms"] - load, 1)}
+    emit({"benchmark": "gpu", "backend": args.backend, "n_gpu_layers": args.gpu_layers,
+          "model": {"layers": args.layers, "n_embd": shape.n_embd, "dtype": shape.dtype,
+                    "bytes": size, "written_s": round(written_s, 1)},
+          "prompt": PROMPT, "max_tokens": args.max_tokens, "runs": args.runs,
+          "results": results, "spawn": spawn, "vram": rbee["vram"],
+          "ratios": {
+              f"{name}_vs_inprocess_tokens_per_sec": ratio(r["tokens_per_sec"],
+                                                           base["tokens_per_sec"])
+              for name, r in results.items() if name != "llama_cpp_inprocess"},
+          "gpu": gpu_name() if args.backend == "cuda" else None}, args.out)
+
+
+def gpu_name() -> str | None:
+    from rbee_hive.devices import detect
+
+    return next((d["name"] for d in detect()["devices"] if d["backend"] == "cuda"), None)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(BIN))
+    main()
