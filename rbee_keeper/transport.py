@@ -366,9 +366,9 @@ class SshTransport:
             first = (reply.stderr.strip().splitlines() or [""])[-1]
             raise HiveNotInstalled(
                 f"{self.host.name}: could not run {self.host.hive!r} ({first or 'not found'})",
-                hint=f"Install rbee on {self.host.name}, or set hive = \"/full/path/to/rbee-hive\" "
-                     f"under [hosts.{self.host.name}] in hosts.toml (a non-interactive SSH "
-                     "session may not have your PATH).")
+                hint=f"Install it: rbee hosts install {self.host.name}; or set hive = "
+                     f"\"/full/path/to/rbee-hive\" under [hosts.{self.host.name}] in hosts.toml "
+                     "(a non-interactive SSH session may not have your PATH).")
         return reply
 
     def run_command(self, command: str, stdin: bytes = b"", *,
