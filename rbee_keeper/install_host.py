@@ -361,10 +361,11 @@ class Output:
         elif stripped.startswith("Building wheel for llama") and not self.building:
             self.building = True
             phase("build", self.build_label, unit="steps")
-        elif stripped.startswith(("Created wheel for llama", "Successfully installed")):
+        elif stripped.startswith("Created wheel for llama"):
             self.finish_build()
-            if stripped.startswith("Successfully installed"):
-                emit({"event": "log", "message": stripped})
+        elif text.startswith("Successfully installed"):  # pip's own, not a build env's
+            self.finish_build()
+            emit({"event": "log", "message": stripped})
         elif stripped.startswith("Collecting "):
             what = re.sub(r" [(]from .*[)]$", "", stripped)
             emit({"event": "progress", "phase": "install", "completed": 0,

@@ -136,6 +136,45 @@ def test_a_build_is_judged_by_its_libraries_not_by_gpu_offload() -> None:
                            want_rpc=True) == ["llama_cpp does not load: libcuda.so.1"]
 
 
+# Lines of `pip install -v` building llama-cpp-python on this machine (install.log of a cold
+# `rbee hosts install`), shortened: the build env's own install, ninja's steps, pip's end.
+PIP_BUILD_LOG = """\
+Collecting llama-cpp-python==0.3.36
+  Installing collected packages: pathspec, packaging, scikit-build-core
+  Successfully installed packaging-26.4 pathspec-1.1.1 scikit-build-core-1.1.2
+Collecting mdurl~=0.1 (from markdown-it-py>=2.2.0->rich>=13->rbee==0.1.0+dc92a712b479)
+Building wheels for collected packages: llama-cpp-python
+  Building wheel for llama-cpp-python (pyproject.toml): started
+  *** scikit-build-core 1.1.2 using CMake 3.25.1 (wheel)
+  [1/197] /usr/bin/g++ -DGGML_BUILD -DGGML_SCHED_MAX_COPIES=4 -DGGML_SHARED -c ggml.cpp
+  [2/197] /usr/bin/gcc -DGGML_BUILD -DGGML_SCHED_MAX_COPIES=4 -DGGML_SHARED -c ggml.c
+  [197/197] /usr/bin/cmake -E cmake_symlink_library vendor/llama.cpp/tools/mtmd/libmtmd.so
+  Building wheel for llama-cpp-python (pyproject.toml): finished with status 'done'
+  Created wheel for llama-cpp-python: filename=llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
+Successfully installed MarkupSafe-3.0.4 llama-cpp-python-0.3.36 rbee-0.1.0+dc92a712b479
+"""
+
+
+def test_a_real_builds_output_becomes_progress_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    log = io.StringIO()
+    out = prog.Output(log, "Building llama-cpp-python (-DGGML_RPC=on)")
+    for line in PIP_BUILD_LOG.splitlines():
+        out.line(line)
+    out.finish_build()
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["event"], e.get("phase")) for e in events] == [
+        ("progress", "install"), ("progress", "install"), ("phase", "build"),
+        ("progress", "build"), ("progress", "build"), ("progress", "build"), ("done", "build"),
+        ("log", None)]
+    assert events[1]["message"] == "Installing rbee: Collecting mdurl~=0.1"
+    assert events[2] == {"event": "phase", "phase": "build", "unit": "steps",
+                         "message": "Building llama-cpp-python (-DGGML_RPC=on)"}
+    assert [(e["completed"], e["total"]) for e in events[3:6]] == [(1, 197), (2, 197),
+                                                                   (197, 197)]
+    assert events[-1]["message"].startswith("Successfully installed MarkupSafe")
+    assert log.getvalue() == PIP_BUILD_LOG  # every line kept for install.log
+
+
 def test_what_a_rerun_does() -> None:
     opts = {"version": "0.1.0+b", "schema": 1, "upgrade": False, "backend": "auto"}
     same = {"version": "0.1.0+b", "schema": 1, "backend": "cpu"}
