@@ -48,6 +48,29 @@ class NdjsonReporter:
         write_json(event)
 
 
+def _amount_column() -> Any:
+    """How far a task is: bytes and speed for a transfer, "12/150 steps" for a build, nothing
+    while the total is unknown."""
+    from rich.progress import DownloadColumn, ProgressColumn, Task, TransferSpeedColumn
+    from rich.text import Text
+
+    class AmountColumn(ProgressColumn):
+        def __init__(self) -> None:
+            super().__init__()
+            self._bytes, self._speed = DownloadColumn(), TransferSpeedColumn()
+
+        def render(self, task: Task) -> Text:
+            unit = task.fields.get("unit", "bytes")
+            if task.total is None:
+                return Text("")
+            if unit == "bytes":
+                return Text.assemble(self._bytes.render(task), " ", self._speed.render(task))
+            return Text(f"{int(task.completed)}/{int(task.total)} {unit}",
+                        style="progress.download")
+
+    return AmountColumn()
+
+
 class RichReporter:
     """Rich bars and spinners on stderr: bytes, speed and ETA for downloads."""
 
@@ -59,13 +82,11 @@ class RichReporter:
         if self._progress is None:
             from rich.progress import (
                 BarColumn,
-                DownloadColumn,
                 Progress,
                 SpinnerColumn,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
-                TransferSpeedColumn,
             )
 
             from rbee_common.output import console
@@ -74,8 +95,7 @@ class RichReporter:
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
                 BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
+                _amount_column(),
                 TimeRemainingColumn(),
                 TimeElapsedColumn(),
                 console=console(stderr=True),
@@ -97,6 +117,7 @@ class RichReporter:
                 self._tasks[phase] = progress.add_task(
                     safe(event.get("message", phase)), total=total,
                     completed=int(event.get("completed", 0)),
+                    unit=str(event.get("unit", "bytes")),
                 )
         elif kind == "progress" and phase in self._tasks:
             assert self._progress is not None

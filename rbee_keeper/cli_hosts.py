@@ -9,7 +9,8 @@ import typer
 from rbee_common.clikit import FormatOpt
 from rbee_common.output import Format, emit
 
-app = typer.Typer(help="The hosts of the pool: list, add, rm, check.", no_args_is_help=True)
+app = typer.Typer(help="The hosts of the pool: list, add, rm, check, install.",
+                  no_args_is_help=True)
 
 
 @app.command("list")
@@ -92,4 +93,50 @@ def check(
     with Session(accept_new_host_key, factory=command_hive) as session:
         doc = check_hosts(select(None if all_ else names), session, timeout)
     emit(doc, fmt, render_check)
+    return exit_code(doc["status"])
+
+
+@app.command()
+def install(
+    names: Annotated[list[str] | None, typer.Argument(metavar="[NAME]...",
+                                                      help="Hosts to install on.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every SSH host, in parallel.")] = False,
+    ssh: Annotated[str | None, typer.Option(
+        help="USER@HOST[:PORT] or an ~/.ssh/config alias: add NAME to hosts.toml once it is "
+             "installed.")] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE for a new host (with --ssh; repeatable): its hosts.toml env, sent over "
+             "stdin, never argv.")] = None,
+    backend: Annotated[str, typer.Option(
+        help="auto (cuda with an NVIDIA driver and nvcc, metal on an arm64 Mac, else cpu), "
+             "cuda, metal or cpu.")] = "auto",
+    prefix: Annotated[str | None, typer.Option(
+        help="Where on the host the venv goes (default: its $RBEE_HOME).")] = None,
+    upgrade: Annotated[bool, typer.Option(
+        "--upgrade", help="Replace an install of another rbee version or backend.")] = False,
+    accept_new_host_key: Annotated[bool, typer.Option(
+        "--accept-new-host-key", help="Trust and remember a host key not yet in known_hosts.")]
+    = False,
+    fmt: FormatOpt = Format.text,
+) -> int:
+    """Install this rbee on hosts over SSH, point hosts.toml at it, and check them.
+
+    Needs only Python 3.11+ and a C/C++ compiler on the host; llama-cpp-python is built for
+    its GPU (RPC included). Running it again is a no-op while the versions match.
+
+    Examples:
+      rbee hosts install gpu1 --ssh me@gpu1.home.arpa
+      rbee hosts install --all --upgrade
+    """
+    from rbee_common.clikit import reporting
+    from rbee_keeper.fanout import exit_code
+    from rbee_keeper.install import InstallOptions, install_hosts
+    from rbee_keeper.render import render_install
+
+    opts = InstallOptions(backend=backend, prefix=prefix, upgrade=upgrade,
+                          accept_new_host_key=accept_new_host_key)
+    with reporting(fmt) as report:
+        doc = install_hosts(list(names or []), opts, all_hosts=all_, ssh=ssh, env=env,
+                            report=report)
+    emit(doc, fmt, render_install)
     return exit_code(doc["status"])

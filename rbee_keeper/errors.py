@@ -60,3 +60,16 @@ class NoPlacement(RbeeError):
     code = "NO_PLACEMENT"
 
 
+
+
+class PreflightFailed(RbeeError):
+    """The host lacks something the install needs; details list each missing piece and the
+    command that fixes it on that host's OS. Nothing was changed."""
+
+    code = "PREFLIGHT_FAILED"
+
+
+class InstallFailed(RbeeError):
+    """Installing rbee on a host failed; the message carries the last lines of its output."""
+
+    code = "INSTALL_FAILED"

@@ -193,7 +193,8 @@ class CommandHive:
             said = (reply.stderr.strip() or "\n".join(reply.stray)).strip()
             if "stdin-json" in said or "ndjson" in said:
                 raise SchemaMismatch(f"{name}: its rbee-hive is too old to talk to this rbee",
-                                     hint=f"Update it: rbee pool git pull --host {name}")
+                                     hint=f"Install this rbee there: rbee hosts install {name} "
+                                          "--upgrade")
             last = said.splitlines()[-1] if said else "no output"
             raise RbeeError(f"{name}: rbee-hive exited with status {reply.exit_code} and no "
                             f"result: {last}", host=name)
@@ -207,7 +208,7 @@ def checked(name: str, doc: Doc) -> Doc:
         raise SchemaMismatch(
             f"{name}: rbee-hive speaks schema v{version}, this rbee speaks "
             f"v{HIVE_SCHEMA_VERSION} ({doc.get('schema')!r})",
-            hint=f"Run the same rbee version on both: rbee pool git pull --host {name}",
+            hint=f"Install this rbee there: rbee hosts install {name} --upgrade",
             host=name, remote_schema=doc.get("schema"))
     return doc
 

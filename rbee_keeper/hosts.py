@@ -262,3 +262,40 @@ def remove_host(name: str) -> dict[str, Any]:
             end -= 1
         atomic_write_bytes(path, "".join(lines[:start] + lines[end:]).encode())
     return _changed("rm", name, path)
+
+
+def _assignment(key: str) -> re.Pattern[str]:
+    """`key = "…"` or `key = '…'`, with whatever follows the value (a comment) kept apart."""
+    return re.compile(rf"""^(\s*{re.escape(key)}\s*=\s*)("(?:[^"\\]|\\.)*"|'[^']*')(.*)$""",
+                      re.DOTALL)
+
+
+def set_hive(name: str, hive: str) -> bool:
+    """Point a host's `hive` at `hive` in hosts.toml, editing only that line (its comment
+    stays) or adding it under the table's header; False when it was already so."""
+    path = hosts_path()
+    with locked(path.with_suffix(".lock")):
+        if get_host(name).hive == hive:
+            return False
+        if not path.is_file():
+            raise UsageError(f"{name} is not in a hosts.toml", hint="Add it: rbee hosts add")
+        text = path.read_text()
+        lines = text.splitlines(keepends=True)
+        start = next(i for i, line in enumerate(lines) if _section_header(name).match(line))
+        end = next((i for i in range(start + 1, len(lines))
+                    if re.match(r"^\s*\[", lines[i])), len(lines))
+        pattern = _assignment("hive")
+        for i in range(start + 1, end):
+            m = pattern.match(lines[i])
+            if m:
+                lines[i] = m.group(1) + toml_string(hive) + m.group(3)
+                break
+        else:
+            lines.insert(start + 1, f"hive = {toml_string(hive)}\n")
+        atomic_write_bytes(path, "".join(lines).encode())
+        if get_host(name).hive != hive:  # a layout this edit does not understand
+            atomic_write_bytes(path, text.encode())
+            raise ConfigInvalid(f"{path}: could not set hive for {name}",
+                                hint=f"Set it by hand under [hosts.{name}]: "
+                                     f"hive = {toml_string(hive)}", file=str(path))
+    return True

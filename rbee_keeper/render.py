@@ -79,6 +79,45 @@ def render_check(doc: Doc) -> None:
                 con.print(f"  [dim]Hint: {safe(h['error']['hint'])}[/]")
 
 
+def _steps(checks: list[Doc]) -> str:
+    return " ".join(f"{c['check']}:{'[green]ok[/]' if c['ok'] else '[red]fail[/]'}"
+                    if c["ok"] is not None else f"[dim]{c['check']}:-[/]" for c in checks)
+
+
+INSTALL_VERBS = {"installed": "installed", "upgraded": "upgraded to",
+                 "rebuilt": "rebuilt llama-cpp-python for", "none": "already has"}
+
+
+def render_install(doc: Doc) -> None:
+    con = console()
+    for h in doc["hosts"]:
+        took = f"{h['elapsed_ms'] / 1000:.1f}s"
+        if not h["ok"]:
+            err = h["error"]
+            con.print(f"[bold]{safe(h['name'])}[/]  [red]failed[/] ({took})")
+            missing = err.get("details", {}).get("missing")
+            if missing:
+                for p in missing:
+                    con.print(f"  missing {safe(p['piece'])}: {safe(p['message'])}")
+                    con.print(f"    fix: {safe(p['fix'])}")
+                con.print("  [dim]Nothing was changed.[/]")
+            else:
+                con.print(f"  {_error_line(err)}")
+                if err.get("hint"):
+                    con.print(f"  [dim]Hint: {safe(err['hint'])}[/]")
+            continue
+        i = h["install"]
+        after = i["after"] or {}
+        llama = after.get("llama_cpp") or {}
+        build = f"llama-cpp-python {llama.get('version')}" + (" +rpc" if llama.get("rpc") else "")
+        con.print(f"[bold]{safe(h['name'])}[/]  {INSTALL_VERBS[i['action']]} rbee "
+                  f"{safe(after.get('version'))} ({i['backend']}; {build}) in {took}")
+        con.print(f"  hive = {safe(i['hive'])} (hosts.toml {i['hosts_toml']})")
+        con.print(f"  {_steps(i['check']['checks'])}")
+        if i.get("hint"):
+            con.print(f"  [dim]Hint: {safe(i['hint'])}[/]")
+
+
 def render_workers(doc: Doc) -> None:
     con = console()
     t = table("HOST", "ID", "STATE", "MODEL", "DEVICE", "URL")

@@ -153,6 +153,40 @@ class LocalTransport:
                                   f"{timeout:g}s; stopped it")
         return reply
 
+    def run_command(self, command: str, stdin: bytes = b"", *,
+                    on_event: Reporter | None = None,
+                    on_line: Callable[[str], None] | None = None) -> HiveReply:
+        """A shell command line (not rbee-hive) whose stdout speaks rbee's ndjson, as on a
+        remote host: what it must know (env, secrets, files) goes in `stdin`, never argv."""
+        proc = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+        def feed(pipe: Any) -> None:
+            try:
+                pipe.write(stdin)
+                pipe.close()
+            except OSError:
+                pass  # it exited without reading: its output says why
+
+        writer = threading.Thread(target=feed, args=(proc.stdin,), daemon=True)
+        writer.start()
+        err: list[bytes] = []
+        drainer = _drain(proc.stderr, err)
+        reply = HiveReply()
+        try:
+            for raw in proc.stdout:
+                reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+            reply.exit_code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        writer.join(timeout=5)
+        drainer.join(timeout=5)
+        reply.stderr = b"".join(err).decode("utf-8", errors="replace")
+        return reply
+
     def close(self) -> None:
         pass
 
@@ -356,9 +390,41 @@ class SshTransport:
             first = (reply.stderr.strip().splitlines() or [""])[-1]
             raise HiveNotInstalled(
                 f"{self.host.name}: could not run {self.host.hive!r} ({first or 'not found'})",
-                hint=f"Install rbee on {self.host.name}, or set hive = \"/full/path/to/rbee-hive\" "
-                     f"under [hosts.{self.host.name}] in hosts.toml (a non-interactive SSH "
-                     "session may not have your PATH).")
+                hint=f"Install it: rbee hosts install {self.host.name}; or set hive = "
+                     f"\"/full/path/to/rbee-hive\" under [hosts.{self.host.name}] in hosts.toml "
+                     "(a non-interactive SSH session may not have your PATH).")
+        return reply
+
+    def run_command(self, command: str, stdin: bytes = b"", *,
+                    on_event: Reporter | None = None,
+                    on_line: Callable[[str], None] | None = None) -> HiveReply:
+        """A command line (not rbee-hive) run by the host's login shell on this connection,
+        its stdout read as rbee's ndjson: what it must know (env, secrets, files) goes in
+        `stdin`, never on the command line, where `ps` shows it."""
+        log.debug("%s$ %s", self.host.name, command[:200])
+        chan = self._open_channel()
+        try:
+            chan.exec_command(command)
+            try:
+                chan.sendall(stdin)
+                chan.shutdown_write()
+            except OSError:
+                pass  # it exited without reading: its output says why
+            err: list[bytes] = []
+            drainer = _drain(chan.makefile_stderr("rb"), err)
+            reply = HiveReply()
+            for raw in chan.makefile("rb"):
+                reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+            reply.exit_code = chan.recv_exit_status()
+            drainer.join(timeout=5)
+        except (OSError, EOFError) as e:
+            chan.close()
+            raise HostUnreachable(f"{self.host.name}: the SSH connection broke: {e}") from e
+        reply.stderr = b"".join(err).decode("utf-8", errors="replace")
+        chan.close()
+        if reply.exit_code == -1 and reply.result is None and reply.error is None:
+            raise HostUnreachable(f"{self.host.name}: the SSH connection broke while the "
+                                  f"command was running")
         return reply
 
     def close(self) -> None:

@@ -35,15 +35,14 @@ class Env:
     config: Path
 
 
-@pytest.fixture
-def rbee_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    """Every test gets its own HOME, RBEE_HOME and config dir; its workers are stopped after."""
-    env = Env(tmp_path, tmp_path / "home", tmp_path / "rbee-home", tmp_path / "config")
+def isolate(root: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """Point HOME, RBEE_HOME and the config dir under `root`; clear what would leak in."""
+    env = Env(root, root / "home", root / "rbee-home", root / "config")
     for d in (env.home, env.config):
         d.mkdir()
     settings = {
         "HOME": str(env.home), "RBEE_HOME": str(env.rbee_home), "RBEE_CONFIG_DIR": str(env.config),
-        "NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb", "HF_HOME": str(tmp_path / "hf"),
+        "NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb", "HF_HOME": str(root / "hf"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
     }
@@ -52,6 +51,13 @@ def rbee_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     for k in ("SSH_AUTH_SOCK", "HF_TOKEN", "HF_ENDPOINT", "RBEE_DEBUG", "RBEE_RESERVE_MIB",
               "RBEE_LOAD_TIMEOUT", "RBEE_WORKER_BIND", "RBEE_DOWNLOAD_RETRIES", "RBEE_CHECKOUT"):
         monkeypatch.delenv(k, raising=False)
+    return env
+
+
+@pytest.fixture
+def rbee_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """Every test gets its own HOME, RBEE_HOME and config dir; its workers are stopped after."""
+    env = isolate(tmp_path, monkeypatch)
     yield env
     if (env.rbee_home / "workers").is_dir():
         from rbee_hive.workers import stop_all

@@ -104,6 +104,7 @@ def test_missing_hive_is_hive_not_installed(ssh_pool: SshPool) -> None:
     assert r.returncode == 1
     err = r.json()["hosts"][0]["error"]
     assert err["code"] == "HIVE_NOT_INSTALLED" and 'hive = "' in err["hint"]
+    assert err["hint"].startswith("Install it: rbee hosts install h1;")
 
 
 def test_another_schema_version_is_schema_mismatch(ssh_pool: SshPool, rbee_env: Env) -> None:
@@ -117,6 +118,7 @@ def test_another_schema_version_is_schema_mismatch(ssh_pool: SshPool, rbee_env: 
     assert r.returncode == 1
     err = r.json()["hosts"][0]["error"]
     assert err["code"] == "SCHEMA_MISMATCH" and "v2" in err["message"]
+    assert err["hint"] == "Install this rbee there: rbee hosts install h1 --upgrade"
 
 
 def test_infer_cold_then_warm_with_no_ssh_at_all(ssh_pool: SshPool, catalog: str,
