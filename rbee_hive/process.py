@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rbee_common.fit import worker_devices
 from rbee_common.http import get_health
 from rbee_common.names import Backend
 
@@ -77,7 +78,7 @@ def http_health(host: str, port: int, timeout: float = 1.0) -> dict[str, Any] | 
 
 def cuda_devices_of(record: dict[str, Any]) -> list[int]:
     """The NVML indexes of the GPUs a worker record holds memory on ([] unless cuda)."""
-    return [int(record["device"])] if record.get("backend") == Backend.cuda else []
+    return worker_devices(record) if record.get("backend") == Backend.cuda else []
 
 
 def terminate(pid: int, wid: str, grace: float, cuda_devices: Sequence[int] = ()) -> str | None:
@@ -102,7 +103,7 @@ def wait_vram_released(pid: int, devices: Sequence[int],
     from worker.engine import cuda_memory_of
 
     deadline = time.monotonic() + timeout
-    while any(cuda_memory_of(pid, index) for index in devices):
+    while cuda_memory_of(pid, devices):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)

@@ -68,7 +68,7 @@ def test_cuda_worker_stop_returns_once_its_vram_is_released(cuda: dict,
     r = run("rbee-hive", "worker", "spawn", "cuda", "--model", "tiny", "--format", "json")
     assert r.returncode == 0, r
     rec = r.json()
-    assert cuda_memory_of(rec["pid"], rec["device"]) > 0
+    assert cuda_memory_of(rec["pid"], [rec["device"]]) > 0
     assert run("rbee-hive", "worker", "stop", rec["id"]).returncode == 0
     # no pause here: `stop` itself waits for the driver to free the worker's memory
-    assert cuda_memory_of(rec["pid"], rec["device"]) == 0
+    assert cuda_memory_of(rec["pid"], [rec["device"]]) == 0

@@ -121,6 +121,9 @@ class LogLevel(IntEnum):
     CONT = 5  # continues the previous message, at its level
 
 
+_INSTALLED_LOG_CALLBACK: Any = None
+
+
 class LlamaLogCapture:
     """Collects llama.cpp's log lines (it logs from C, outside Python's logging).
 
@@ -145,7 +148,11 @@ class LlamaLogCapture:
         def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             self.feed(level, text.decode("utf-8", errors="replace"))
 
-        self._callback = _cb  # keep a reference: ctypes must not free it
+        self._callback = _cb
+        # llama.cpp keeps calling the last callback set, whatever happens to this capture:
+        # the module keeps it alive until another replaces it (a freed one would crash)
+        global _INSTALLED_LOG_CALLBACK
+        _INSTALLED_LOG_CALLBACK = _cb
         llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
 
     def feed(self, level: int, text: str) -> None:
