@@ -35,13 +35,16 @@ def worker(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def small(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    """A worker with a small context and a one-second wait for its slot."""
-    w = start_worker(tiny_model, tmp_path_factory.mktemp("oa-small") / "worker.log", ctx=256,
-                     env={"RBEE_WORKER_QUEUE_WAIT": "1"})
+def impatient(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """A worker whose OpenAI requests wait one second for its slot."""
+    w = start_worker(tiny_model, tmp_path_factory.mktemp("oa-impatient") / "worker.log",
+                     ctx=32768, env={"RBEE_WORKER_QUEUE_WAIT": "1"})
     yield w
     w.proc.terminate()
     w.proc.wait(timeout=10)
+
+
+TOO_LONG = "x" * 40_000  # 40000 tokens: more than the tiny model's whole context (32768)
 
 
 def client(w: Worker, **kw: Any) -> openai.OpenAI:
@@ -118,7 +121,7 @@ def test_a_client_that_leaves_a_non_streaming_request_cancels_its_job(worker: Wo
                                                                       route: str) -> None:
     wait_idle(worker)
     cancelled, completed = counted(worker, route, "cancelled"), counted(worker, route, "completed")
-    impatient = client(worker, timeout=1.0)
+    impatient = client(worker, timeout=2.0)
     with pytest.raises(openai.APITimeoutError):
         if route == "v1_chat":
             impatient.chat.completions.create(model="tiny", messages=HI, max_tokens=30000)
@@ -193,12 +196,12 @@ def test_a_request_sent_the_moment_a_stream_closes_is_served(worker: Worker) -> 
         assert done.choices[0].text == "pq"
 
 
-def test_the_wait_for_the_slot_is_bounded(small: Worker) -> None:
-    with slot_held(small):
+def test_the_wait_for_the_slot_is_bounded(impatient: Worker) -> None:
+    with slot_held(impatient):
         t0 = time.monotonic()
         with pytest.raises(openai.APIStatusError) as e:
-            client(small, timeout=30).completions.create(model="tiny", prompt="x",
-                                                         max_tokens=1)
+            client(impatient, timeout=30).completions.create(model="tiny", prompt="x",
+                                                             max_tokens=1)
         waited = time.monotonic() - t0
     assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
     assert e.value.code == "all_slots_busy" and e.value.type == "server_error"
@@ -223,22 +226,23 @@ def test_errors_carry_openai_type_param_and_code(worker: Worker) -> None:
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_a_context_overflow_is_openai_context_length_exceeded(small: Worker, chat: bool) -> None:
-    c = client(small)
+def test_a_context_overflow_is_openai_context_length_exceeded(worker: Worker,
+                                                              chat: bool) -> None:
+    c = client(worker)
     with pytest.raises(openai.BadRequestError) as e:
         if chat:
             c.chat.completions.create(model="tiny", max_tokens=1,
-                                      messages=[{"role": "user", "content": "x" * 400}])
+                                      messages=[{"role": "user", "content": TOO_LONG}])
         else:
-            c.completions.create(model="tiny", prompt="x" * 400, max_tokens=1)
+            c.completions.create(model="tiny", prompt=TOO_LONG, max_tokens=1)
     assert e.value.code == "context_length_exceeded"
     assert e.value.param == ("messages" if chat else "prompt")
-    assert "maximum context length is 256 tokens" in e.value.message
+    assert "maximum context length is 32768 tokens" in e.value.message
 
 
-def test_an_execute_context_overflow_says_so_for_the_queen(small: Worker) -> None:
-    r = httpx.post(f"{small.url}/execute", headers=small.auth,
-                   json={"prompt": "x" * 400, "max_tokens": 1})
+def test_an_execute_context_overflow_says_so_for_the_queen(worker: Worker) -> None:
+    r = httpx.post(f"{worker.url}/execute", headers=worker.auth,
+                   json={"prompt": TOO_LONG, "max_tokens": 1})
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "INVALID_REQUEST"
     assert err["details"] == {"field": "prompt", "openai_code": "context_length_exceeded"}
@@ -499,7 +503,7 @@ def litellm() -> Any:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # LiteLLM's own pydantic types warn
-def test_litellm_against_the_worker(litellm: Any, worker: Worker, small: Worker) -> None:
+def test_litellm_against_the_worker(litellm: Any, worker: Worker) -> None:
     def ask(w: Worker, content: str, **kw: Any) -> Any:
         return litellm.completion(model="openai/tiny", api_base=f"{w.url}/v1",
                                   api_key=w.token, messages=[{"role": "user",
@@ -508,7 +512,7 @@ def test_litellm_against_the_worker(litellm: Any, worker: Worker, small: Worker)
 
     assert ask(worker, "hi").choices[0].message.content == "ab"
     with pytest.raises(litellm.ContextWindowExceededError):
-        ask(small, "x" * 400)
+        ask(worker, TOO_LONG)
     with pytest.raises(litellm.BadRequestError):
         ask(worker, "hi", tools=[{"type": "function",
                                   "function": {"name": "f", "parameters": {}}}])

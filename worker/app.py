@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Scope
@@ -55,6 +55,7 @@ def label_of(app: Starlette, path: str) -> str:
 
 
 def is_openai(path: str) -> bool:
+    """Whether the path is under /v1, where clients read OpenAI's error shape."""
     return path == "/v1" or path.startswith("/v1/")
 
 
@@ -78,7 +79,7 @@ def _endpoint(label: str, fn: Handler) -> Callable[[Request], Awaitable[Response
                        "error" if e.status >= 500 else "invalid")
             state.metrics.count(label, outcome)
             return shaped(path, e.err, e.status, e.headers)
-        except ClientGone:
+        except (ClientGone, ClientDisconnect):  # left before its answer began (mid-body too)
             state.metrics.count(label, "gone")
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         except Exception as e:  # a fault of the worker's own: still a coded, counted answer

@@ -46,10 +46,12 @@ def _model_doc(state: WorkerState) -> dict[str, Any]:
 
 
 async def v1_models(request: Request, state: WorkerState) -> Response:
+    """GET /v1/models: the one model this worker serves."""
     return JSONResponse({"object": "list", "data": [_model_doc(state)]})
 
 
 async def v1_model(request: Request, state: WorkerState) -> Response:
+    """GET /v1/models/{id}: the model, or OpenAI's 404 model_not_found."""
     wanted = request.path_params["model_id"]
     if wanted != state.settings.model_id:
         raise HTTPError(404, ModelNotFound(
@@ -69,6 +71,7 @@ class _Answer:
 
 
 async def v1_completions(request: Request, state: WorkerState) -> Response:
+    """POST /v1/completions."""
     req: CompletionRequest = await read_model(request, CompletionRequest,
                                               state.settings.max_body_bytes, hint=API_HINT)
     tokens = await tokenize(state, req.prompt)
@@ -80,6 +83,7 @@ async def v1_completions(request: Request, state: WorkerState) -> Response:
 
 
 async def v1_chat(request: Request, state: WorkerState) -> Response:
+    """POST /v1/chat/completions, formatted with the model's own chat template."""
     req: ChatCompletionRequest = await read_model(request, ChatCompletionRequest,
                                                   state.settings.max_body_bytes, hint=API_HINT)
     prompt, stops, has_bos = format_chat(state, req.messages)
