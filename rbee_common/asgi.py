@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from rbee_common.errors import InvalidRequest, RbeeError, Unauthorized
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 64  # deeper bodies are refused: no rbee route takes them, and parsing or
+# validating them would recurse toward Python's limit
 
 
 class HTTPError(Exception):
@@ -31,7 +33,39 @@ class HTTPError(Exception):
 
 def error_response(err: RbeeError, status: int, headers: dict[str, str] | None = None
                    ) -> JSONResponse:
+    """The error as rbee's JSON envelope (DESIGN.md §5)."""
     return JSONResponse(err.envelope(), status_code=status, headers=headers)
+
+
+def openai_error(err: RbeeError, status: int, headers: dict[str, str] | None = None
+                 ) -> JSONResponse:
+    """The error in OpenAI's shape, rbee's code and hint beside it (for /v1 routes)."""
+    from rbee_common.openai_errors import openai_body
+
+    return JSONResponse(openai_body(err, status), status_code=status, headers=headers)
+
+
+def json_fault(data: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """What makes parsed JSON unfit for a route, or None: nesting deeper than `limit`, or a
+    string with a lone surrogate (JSON's \\ud800 escapes parse to one, and it can never be
+    encoded again: not for the model, not in an answer). Walked without recursion."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return f"the body nests deeper than {limit} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, child in items:
+            for text in (key, child):
+                if isinstance(text, str) and not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return "the body holds a string that is not valid Unicode (a lone " \
+                               "surrogate escape)"
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return None
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
@@ -48,10 +82,16 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, 
                                                 hint="Send a shorter prompt."))
     try:
         data = json.loads(body or b"null")
-    except (ValueError, RecursionError) as e:
+    except RecursionError as e:
+        raise HTTPError(400, InvalidRequest(
+            f"the body nests deeper than {MAX_JSON_DEPTH} levels", field="body")) from e
+    except ValueError as e:
         raise HTTPError(400, InvalidRequest(f"the body is not JSON: {e}", field="body")) from e
     if not isinstance(data, dict):
         raise HTTPError(400, InvalidRequest("the body must be a JSON object", field="body"))
+    fault = json_fault(data)
+    if fault is not None:
+        raise HTTPError(400, InvalidRequest(fault, field="body"))
     return data
 
 
@@ -62,8 +102,14 @@ def validate(model: type[BaseModel], data: dict[str, Any], hint: str = "") -> An
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise HTTPError(400, InvalidRequest(f"{where}: {first['msg']}", field=where,
-                                            hint=hint)) from e
+        kind = first["type"]
+        message = ("not a field this route takes" if kind == "extra_forbidden" else
+                   first["msg"].removeprefix("Value error, "))
+        # OpenAI's codes for the two: an unknown field, a field that cannot be honoured
+        openai_code = {"extra_forbidden": "unknown_parameter",
+                  "unsupported_parameter": "unsupported_parameter"}.get(kind)
+        raise HTTPError(400, InvalidRequest(f"{where}: {message}", field=where, hint=hint,
+                                            openai_code=openai_code)) from e
 
 
 async def read_model(request: Request, model: type[BaseModel], limit: int = MAX_BODY_BYTES,

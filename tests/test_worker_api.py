@@ -35,7 +35,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_worker(model: Path, log: Path, ctx: int = 8192) -> Worker:
+def start_worker(model: Path, log: Path, ctx: int = 8192,
+                 env: dict[str, str] | None = None) -> Worker:
     token = secrets.token_urlsafe(24)
     port = free_port()
     with open(log, "wb") as f:
@@ -43,7 +44,8 @@ def start_worker(model: Path, log: Path, ctx: int = 8192) -> Worker:
             [str(BIN / "llm-worker-rbee"), "--model", str(model), "--backend", "cpu",
              "--port", str(port), "--worker-id", "api-test", "--ctx", str(ctx),
              "--model-id", "tiny"],
-            env={"RBEE_WORKER_TOKEN": token, "PATH": "/usr/bin:/bin"}, stdout=f, stderr=f)
+            env={"RBEE_WORKER_TOKEN": token, "PATH": "/usr/bin:/bin", **(env or {})},
+            stdout=f, stderr=f)
     w = Worker(f"http://127.0.0.1:{port}", token, proc)
     deadline = time.monotonic() + 30
     while True:
@@ -89,7 +91,8 @@ def test_health_needs_no_token_and_says_who_it_is(worker: Worker) -> None:
 
 @pytest.mark.parametrize("method, path", [
     ("POST", "/execute"), ("POST", "/cancel"), ("GET", "/metrics"), ("POST", "/shutdown"),
-    ("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
 ])
 @pytest.mark.parametrize("header", [None, "Bearer wrong-token-wrong-token", "Basic abc"])
 def test_every_route_but_health_needs_the_token(worker: Worker, method: str, path: str,
@@ -97,7 +100,12 @@ def test_every_route_but_health_needs_the_token(worker: Worker, method: str, pat
     headers = {"Authorization": header} if header else {}
     r = httpx.request(method, f"{worker.url}{path}", json={}, headers=headers)
     assert r.status_code == 401
-    assert r.json()["error"]["code"] == "UNAUTHORIZED"
+    err = r.json()["error"]
+    if path.startswith("/v1/"):  # OpenAI's shape, rbee's code beside it
+        assert (err["type"], err["code"], err["rbee_code"]) == (
+            "authentication_error", "invalid_api_key", "UNAUTHORIZED")
+    else:
+        assert err["code"] == "UNAUTHORIZED"
     assert r.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{worker.url}/health").json()["status"] == "ready"  # still alive
 

@@ -49,6 +49,21 @@ class GenParams:
     top_k: int = 40
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: none; N: each token's logprob and the N likeliest
+    grammar: str | None = None  # GBNF the output must follow (JSON mode); checked already
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the likeliest tokens at its place."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass
@@ -59,6 +74,7 @@ class GenResult:
     ttft_ms: float = 0.0
     decode_ms: float = 0.0
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for
 
     @property
     def tokens_per_sec(self) -> float:
@@ -107,6 +123,42 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.buf = self.buf, ""
         return out
+
+
+class LogitsTap:
+    """A llama-cpp-python logits processor: adds the request's logit bias, and keeps the raw
+    logits of the step (before bias, penalties and temperature) when logprobs are wanted."""
+
+    def __init__(self, bias: tuple[tuple[int, float], ...], keep: bool) -> None:
+        import numpy as np
+
+        self.ids = np.array([t for t, _ in bias], dtype=np.intc)
+        self.values = np.array([b for _, b in bias], dtype=np.single)
+        self.keep = keep
+        self.last: Any = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.keep:
+            self.last = scores.copy()
+        if len(self.ids):
+            scores[self.ids] += self.values
+        return scores
+
+
+def token_logprob(logits: Any, token: int, top_n: int,
+                  piece: Callable[[int], bytes]) -> TokenLogprob:
+    """`token`'s log probability under these logits, with the `top_n` likeliest tokens."""
+    import numpy as np
+
+    peak = float(logits.max())
+    log_z = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+    top: tuple[tuple[bytes, float], ...] = ()
+    if top_n > 0:
+        n = min(top_n, len(logits))
+        ids = np.argpartition(-logits, n - 1)[:n]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        top = tuple((piece(int(i)), float(logits[i]) - log_z) for i in ids)
+    return TokenLogprob(piece(token), float(logits[token]) - log_z, top)
 
 
 class LogLevel(IntEnum):
@@ -339,6 +391,22 @@ class Engine:
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
+    @property
+    def n_vocab(self) -> int:
+        return int(self.llama.n_vocab())
+
+    def grammar_compiles(self, gbnf: str) -> bool:
+        """Whether llama.cpp accepts this GBNF grammar for this model's vocabulary (it returns
+        no sampler for one it cannot parse, and a chain given none crashes)."""
+        import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(self.llama._model.vocab,
+                                                       gbnf.encode("utf-8"), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
     def format_chat(self, messages: list[tuple[str, str]]) -> tuple[str, list[str], bool]:
         """Render a conversation with the model's own chat template (or a plain fallback).
 
@@ -365,9 +433,12 @@ class Engine:
         return "\n".join(parts) + "\nAssistant:", ["\nUser:"], False
 
     def generate(self, tokens: list[int], params: GenParams, cancel: threading.Event,
-                 on_text: Callable[[str, int], None]) -> GenResult:
-        """Run one job to its end; call on_text(text, token_index) as text becomes final."""
+                 on_text: Callable[[str, int, list[TokenLogprob]], None]) -> GenResult:
+        """Run one job to its end; call on_text(text, token_index, logprobs) as text becomes
+        final (logprobs: of the tokens since the last call, when asked for)."""
         import llama_cpp
+        from llama_cpp import LogitsProcessorList
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         t0 = time.perf_counter()
         n_ctx = self.n_ctx
@@ -385,8 +456,19 @@ class Engine:
         first_at: float | None = None
         last_at = t0
         stop_reason = StopReason.MAX_TOKENS
-        gen = self.llama.generate(tokens, top_k=params.top_k, top_p=params.top_p,
-                                  temp=params.temperature, repeat_penalty=1.0, reset=True)
+        want_lp = params.logprobs is not None
+        tap = LogitsTap(params.logit_bias, want_lp) if params.logit_bias or want_lp else None
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
+
+        def piece(token: int) -> bytes:
+            return bytes(self.llama.detokenize([token]))
+
+        gen = self.llama.generate(
+            tokens, top_k=params.top_k, top_p=params.top_p, temp=params.temperature,
+            repeat_penalty=params.repeat_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, reset=True,
+            logits_processor=LogitsProcessorList([tap]) if tap else None,
+            grammar=LlamaGrammar.from_string(params.grammar) if params.grammar else None)
         try:
             for tok in gen:
                 last_at = time.perf_counter()
@@ -400,10 +482,15 @@ class Engine:
                     break
                 index = result.tokens_out
                 result.tokens_out += 1
+                if tap is not None and tap.last is not None:
+                    lp = token_logprob(tap.last, tok, params.logprobs or 0, piece)
+                    result.logprobs.append(lp)
+                    pending.append(lp)
                 text, hit = stopper.feed(decoder.decode(self.llama.detokenize([tok])))
                 if text:
                     result.text.append(text)
-                    on_text(text, index)
+                    on_text(text, index, pending)
+                    pending = []
                 if hit:
                     stop_reason = StopReason.STOP_SEQUENCE
                     break
@@ -415,7 +502,7 @@ class Engine:
             tail = stopper.feed(decoder.decode(b"", final=True))[0] + stopper.flush()
             if tail and stop_reason is not StopReason.CANCELLED:
                 result.text.append(tail)
-                on_text(tail, max(result.tokens_out - 1, 0))
+                on_text(tail, max(result.tokens_out - 1, 0), pending)
         result.stop_reason = stop_reason
         result.ttft_ms = ((first_at or last_at) - t0) * 1000
         result.decode_ms = (last_at - (first_at or last_at)) * 1000

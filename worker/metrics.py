@@ -27,7 +27,7 @@ class Metrics:
             self.last_tokens_per_sec = result.tokens_per_sec
 
 
-def prometheus_text(m: Metrics, wid: str, busy: bool, uptime_s: float) -> str:
+def prometheus_text(m: Metrics, wid: str, busy: bool, uptime_s: float, waiting: int = 0) -> str:
     """The metrics in Prometheus' text exposition format, labelled with the worker id."""
     lines = [
         "# HELP rbee_worker_requests_total Requests by route and outcome.",
@@ -50,6 +50,9 @@ def prometheus_text(m: Metrics, wid: str, busy: bool, uptime_s: float) -> str:
         "# HELP rbee_worker_busy 1 while a job runs.",
         "# TYPE rbee_worker_busy gauge",
         f'rbee_worker_busy{{worker="{wid}"}} {1 if busy else 0}',
+        "# HELP rbee_worker_waiting OpenAI requests waiting for the slot.",
+        "# TYPE rbee_worker_waiting gauge",
+        f'rbee_worker_waiting{{worker="{wid}"}} {waiting}',
         "# HELP rbee_worker_uptime_seconds Seconds since the worker started.",
         "# TYPE rbee_worker_uptime_seconds gauge",
         f'rbee_worker_uptime_seconds{{worker="{wid}"}} {uptime_s:.3f}',

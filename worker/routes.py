@@ -11,10 +11,9 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from rbee_common.asgi import HTTPError, event_stream, read_model, sse
-from rbee_common.errors import InvalidRequest
+from rbee_common.asgi import event_stream, read_model, sse
 from rbee_common.names import JobEvent
-from worker.jobs import drain, gen_params, loaded_engine, start_job, tokenize
+from worker.jobs import drain, format_chat, gen_params, start_job, take_slot_now, tokenize
 from worker.metrics import prometheus_text
 from worker.schemas import HEALTH_SCHEMA, CancelRequest, ExecuteRequest
 from worker.state import WorkerState
@@ -47,21 +46,18 @@ async def health(request: Request) -> Response:
 async def execute(request: Request, state: WorkerState) -> Response:
     req: ExecuteRequest = await read_model(request, ExecuteRequest, state.settings.max_body_bytes,
                                             hint=API_HINT)
-    problem = req.input_error()
-    if problem is not None:
-        raise HTTPError(400, InvalidRequest(f"prompt: {problem}", field="prompt", hint=API_HINT))
     stops = list(req.stop)
     if req.messages is not None:
-        prompt, template_stops, has_bos = loaded_engine(state).format_chat(
-            [(m.role, m.text()) for m in req.messages])
-        tokens = await tokenize(state, prompt, add_bos=not has_bos)
+        prompt, template_stops, has_bos = format_chat(state, req.messages)
+        tokens = await tokenize(state, prompt, add_bos=not has_bos, field="messages")
         stops += template_stops
     else:
         assert req.prompt is not None
         tokens = await tokenize(state, req.prompt)
+    params = gen_params(req, state.engine, req.max_tokens, stops)
     job_id = req.job_id or f"job-{secrets.token_hex(6)}"
-    job, queue = start_job(state, "execute", tokens, gen_params(req, req.max_tokens, stops),
-                           job_id)
+    take_slot_now(state)
+    job, queue = start_job(state, "execute", tokens, params, job_id)
 
     async def events() -> AsyncIterator[dict[str, str]]:
         yield sse(JobEvent.started, {"job_id": job_id, "model": state.settings.model_id})
@@ -89,7 +85,7 @@ async def cancel(request: Request, state: WorkerState) -> Response:
 
 async def metrics(request: Request, state: WorkerState) -> Response:
     text = prometheus_text(state.metrics, state.settings.worker_id, state.job is not None,
-                           time.monotonic() - state.started)
+                           time.monotonic() - state.started, len(state.slot.waiters))
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from rbee_common.asgi import HTTPError, event_stream, read_model, sse
 from rbee_common.errors import InvalidRequest, RbeeError, RemoteError
+from rbee_common.openai_errors import openai_body
 from rbee_keeper.jobs import JobEventName, JobRequest
 from rbee_keeper.queen.app import job_events, queen_of
 from rbee_keeper.queen.live import LiveJob
@@ -28,21 +29,10 @@ from worker.schemas import ChatCompletionRequest, CompletionRequest, stop_list
 E = JobEventName
 FINISH = {"EOS": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "CANCELLED": "stop"}
 UNTIL_CONTEXT_ENDS = 1_000_000  # a chat without max_tokens runs to EOS or the context's end
-OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error",
-               404: "invalid_request_error", 429: "rate_limit_error"}
-OPENAI_CODE = {"MODEL_NOT_FOUND": "model_not_found", "QUEUE_FULL": "rate_limit_exceeded",
-               "INVALID_MODEL_REF": "model_not_found"}
 STATUS = {"INVALID_REQUEST": 400, "INVALID_MODEL_REF": 404, "MODEL_NOT_FOUND": 404,
           "QUEUE_FULL": 429, "UNAUTHORIZED": 401, "CANCELLED": 499, "WORKER_CRASHED": 502,
           "INSUFFICIENT_VRAM": 503, "INSUFFICIENT_RAM": 503, "NO_PLACEMENT": 503,
           "ALL_SLOTS_BUSY": 503}
-
-
-def openai_body(err: RbeeError, status: int) -> dict[str, Any]:
-    return {"error": {"message": err.message, "type": OPENAI_TYPE.get(status, "server_error"),
-                      "param": err.details.get("field"),
-                      "code": OPENAI_CODE.get(err.code, err.code.lower()),
-                      "rbee_code": err.code, "hint": err.hint}}
 
 
 def openai_error(err: RbeeError, status: int | None = None,
