@@ -9,6 +9,9 @@ with the planted next-token table of tests/tinymodel.py, so the greedy text is k
 - `rbee-hive worker spawn` until ready, against the in-process load;
 - the worker's VRAM from /health against nvidia-smi's figure for its pid.
 
+The streaming contenders are all loaded at once and answer in turn, round after round, so
+a noisy machine slows them alike.
+
     python bench/gpu.py [--layers 22] [--max-tokens 256] [--runs 3]
     python bench/gpu.py --cpu [--layers 4]   # the same measurements on the CPU, smaller
     python bench/gpu.py --quick              # 2 layers, 16 tokens, one run (the CI smoke)
@@ -39,7 +42,17 @@ from _common import (
     ratio,
     worker_ttft_total_ms,
 )
-from stream import PROMPT, infer_runs, inprocess, llama_server, summarise
+from stream import (
+    PROMPT,
+    Sample,
+    completions_once,
+    infer_argv,
+    infer_once,
+    inprocess_once,
+    llama_server_running,
+    load_inprocess,
+    summarise,
+)
 
 from tests.tinymodel import CYCLE, REALISTIC, write_model
 
@@ -66,52 +79,27 @@ def inprocess_loads(model: Path, args: Any) -> list[float]:
     return loads
 
 
-def execute_stream(url: str, token: str, args: Any) -> dict[str, Any]:
+Run = tuple[Sample, dict[str, float]]  # a streamed answer, and the worker's own figures
+
+
+def execute_once(url: str, token: str, args: Any) -> Run:
     """The worker's own protocol, read by rbee's own client (what `rbee infer` uses)."""
     from rbee_keeper.worker_client import execute
 
-    samples, own_ttft, own_rate, text = [], [], [], ""
-    for i in range(args.runs + 1):
-        body = {"job_id": f"bench-{i}", "prompt": PROMPT, "max_tokens": args.max_tokens,
-                "temperature": 0}
-        out = execute(url, token, body, lambda _t: None)
-        assert out.end is not None and out.ttft_ms is not None
-        if i:
-            samples.append((out.ttft_ms, out.total_ms - out.ttft_ms, out.tokens))
-            own_ttft.append(out.end["ttft_ms"])
-            own_rate.append(out.end["tokens_per_sec"])
-            text = "".join(out.text)
-    return {**summarise(samples, text), "worker_ttft_ms": median(own_ttft),
-            "worker_tokens_per_sec": median(own_rate)}
+    body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0,
+            "job_id": f"bench-{time.monotonic_ns()}"}
+    out = execute(url, token, body, lambda _t: None)
+    assert out.end is not None and out.ttft_ms is not None
+    sample = (out.ttft_ms, out.total_ms - out.ttft_ms, out.tokens, "".join(out.text))
+    return sample, {"worker_ttft_ms": out.end["ttft_ms"],
+                    "worker_tokens_per_sec": out.end["tokens_per_sec"]}
 
 
-def completions_stream(url: str, token: str, args: Any) -> dict[str, Any]:
-    """The worker's OpenAI route, streamed as an OpenAI client reads it."""
-    import httpx
-
-    samples, own_ttft, text = [], [], ""
-    body = {"model": "bench", "prompt": PROMPT, "max_tokens": args.max_tokens,
-            "temperature": 0, "stream": True}
-    with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {token}"}) as client:
-        for i in range(args.runs + 1):
-            before = worker_ttft_total_ms(url, token)
-            t0 = time.perf_counter()
-            first = last = 0.0
-            parts = []
-            with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                for line in r.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    piece = json.loads(line[6:])["choices"][0]["text"]
-                    if piece:
-                        last = time.perf_counter()
-                        first = first or last
-                        parts.append(piece)
-            if i:
-                samples.append(((first - t0) * 1000, (last - first) * 1000, len(parts)))
-                own_ttft.append(worker_ttft_total_ms(url, token) - before)
-                text = "".join(parts)
-    return {**summarise(samples, text), "worker_ttft_ms": median(own_ttft)}
+def v1_once(client: Any, url: str, token: str, args: Any) -> Run:
+    """The worker's OpenAI route; its own first-token time comes from its /metrics."""
+    before = worker_ttft_total_ms(url, token)
+    sample = completions_once(client, url, args)
+    return sample, {"worker_ttft_ms": worker_ttft_total_ms(url, token) - before}
 
 
 def nvidia_smi_bytes(pid: int) -> int | None:
@@ -127,10 +115,8 @@ def nvidia_smi_bytes(pid: int) -> int | None:
     return None
 
 
-def rbee_worker(box: Sandbox, args: Any) -> dict[str, Any]:
-    """Spawn-to-ready (runs times), then the kept worker's streams, VRAM and warm infer."""
-    from rbee_common.http import get_health
-
+def spawn_runs(box: Sandbox, args: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """`rbee-hive worker spawn` until ready, `runs` times; the last worker is kept."""
     spawn = ["rbee-hive", "worker", "spawn", args.backend, "--model", "bench", "--ctx",
              str(args.ctx)]
     ready, walls = [], []
@@ -141,20 +127,47 @@ def rbee_worker(box: Sandbox, args: Any) -> dict[str, Any]:
         ready.append(rec["ready_s"] * 1000)
         if i < args.runs - 1:
             box.run("rbee-hive", "worker", "stop", rec["id"])
+    return rec, {"spawn_to_ready_ms": median(ready), "spawn_command_wall_ms": median(walls)}
+
+
+def vram(rec: dict[str, Any], args: Any) -> dict[str, Any]:
+    from rbee_common.http import get_health
+
+    health = (get_health(rec["url"]) or {}).get("vram_bytes")
+    smi = nvidia_smi_bytes(rec["pid"]) if args.backend == "cuda" else None
+    return {"health_bytes": health, "nvidia_smi_bytes": smi,
+            "health_vs_nvidia_smi": ratio(health or 0, smi or 0)}
+
+
+def side_by_side(box: Sandbox, model: Path, rec: dict[str, Any], args: Any) -> dict[str, Any]:
+    """Every contender loaded at once, then one answer from each in turn, `runs` rounds after
+    a warm-up round: a noisy machine then slows all of them alike."""
+    import httpx
+
     token = box.run("rbee-hive", "worker", "token", rec["id"]).stdout.strip()
-    health = get_health(rec["url"]) or {}
-    vram = {"health_bytes": health.get("vram_bytes"),
-            "nvidia_smi_bytes": nvidia_smi_bytes(rec["pid"]) if args.backend == "cuda" else None}
-    vram["health_vs_nvidia_smi"] = ratio(vram["health_bytes"] or 0,
-                                         vram["nvidia_smi_bytes"] or 0)
-    results = {
-        "rbee_execute": execute_stream(rec["url"], token, args),
-        "rbee_v1_completions": completions_stream(rec["url"], token, args),
-        "rbee_infer_warm": infer_runs(box, "bench", args),  # finds this idle worker
-    }
-    box.run("rbee-hive", "worker", "stop", rec["id"])
-    return {"results": results, "vram": vram,
-            "spawn": {"spawn_to_ready_ms": median(ready), "spawn_command_wall_ms": median(walls)}}
+    llm = load_inprocess(model, args)
+    infer = infer_argv("bench", args)
+    box.json(*infer)  # places the job on the idle worker spawned above, and remembers it
+    with llama_server_running(model, args) as server_url, \
+            httpx.Client(timeout=300) as plain, \
+            httpx.Client(timeout=300, headers={"Authorization": f"Bearer {token}"}) as authed:
+        contenders: dict[str, Any] = {
+            "llama_cpp_inprocess": lambda: (inprocess_once(llm, args), {}),
+            "llama_cpp_server": lambda: (completions_once(plain, server_url, args), {}),
+            "rbee_execute": lambda: execute_once(rec["url"], token, args),
+            "rbee_v1_completions": lambda: v1_once(authed, rec["url"], token, args),
+            "rbee_infer_warm": lambda: infer_once(box, infer, args),
+        }
+        runs: dict[str, list[Run]] = {name: [] for name in contenders}
+        for i in range(args.runs + 1):
+            for name, once in contenders.items():
+                run = once()
+                if i:
+                    runs[name].append(run)
+    llm.close()
+    return {name: {**summarise([r[0] for r in rs]),
+                   **{k: median([r[1][k] for r in rs]) for k in rs[0][1]}}
+            for name, rs in runs.items()}
 
 
 def main() -> None:
@@ -185,22 +198,21 @@ def main() -> None:
         model = write_model(box.root / "bench.gguf", shape, name="rbee-bench-llama")
         written_s, size = time.perf_counter() - t0, model.stat().st_size
         box.run("rbee-hive", "models", "import", str(model), "--id", "bench")
-        rbee = rbee_worker(box, args)
-        loads = inprocess_loads(model, args)
-        results = {"llama_cpp_inprocess": {**inprocess(model, args),
-                                           "load_ms": median(loads)},
-                   "llama_cpp_server": llama_server(model, args), **rbee["results"]}
+        rec, spawned = spawn_runs(box, args)
+        load = median(inprocess_loads(model, args))
+        results = side_by_side(box, model, rec, args)
+        vram_doc = vram(rec, args)  # after serving: its compute buffers are in use too
     want = expected_text(24)
     for r in results.values():
         r["text_ok"] = r["text_head"] == want[:len(r["text_head"])] and bool(r["text_head"])
-    base, load = results["llama_cpp_inprocess"], results["llama_cpp_inprocess"]["load_ms"]
-    spawn = {**rbee["spawn"], "inprocess_load_ms": load,
-             "ready_minus_inprocess_load_ms": round(rbee["spawn"]["spawn_to_ready_ms"] - load, 1)}
+    base = results["llama_cpp_inprocess"]
+    spawn = {**spawned, "inprocess_load_ms": load,
+             "ready_minus_inprocess_load_ms": round(spawned["spawn_to_ready_ms"] - load, 1)}
     emit({"benchmark": "gpu", "backend": args.backend, "n_gpu_layers": args.gpu_layers,
           "model": {"layers": args.layers, "n_embd": shape.n_embd, "dtype": shape.dtype,
                     "bytes": size, "written_s": round(written_s, 1)},
           "prompt": PROMPT, "max_tokens": args.max_tokens, "runs": args.runs,
-          "results": results, "spawn": spawn, "vram": rbee["vram"],
+          "results": results, "spawn": spawn, "vram": vram_doc,
           "ratios": {
               f"{name}_vs_inprocess_tokens_per_sec": ratio(r["tokens_per_sec"],
                                                            base["tokens_per_sec"])

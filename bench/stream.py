@@ -12,6 +12,7 @@ them all on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +39,32 @@ from _common import (
 PROMPT = "The capital of France is"
 
 
-def summarise(samples: list[tuple[float, float, int]], text: str = "") -> dict[str, Any]:
-    """samples: (ttft_ms, decode_ms after the first token, tokens); text: one run's answer."""
+# One streamed answer: time to first token (ms), decode time after it (ms), tokens, text.
+Sample = tuple[float, float, int, str]
+
+
+def summarise(samples: list[Sample]) -> dict[str, Any]:
+    """Medians over the samples, and the head of the last one's text."""
     return {
         "ttft_ms": median([s[0] for s in samples]),
         "tokens_per_sec": median([(s[2] - 1) / (s[1] / 1000) for s in samples if s[1] > 0]),
         "tokens": median([float(s[2]) for s in samples]),
         "runs": len(samples),
-        "text_head": text[:24],
+        "text_head": samples[-1][3][:24] if samples else "",
     }
+
+
+def timed_stream(pieces: Iterator[str]) -> Sample:
+    """Consume a stream of text pieces (empty ones ignored), timing it from now."""
+    t0 = time.perf_counter()
+    first = last = 0.0
+    parts = []
+    for piece in pieces:
+        if piece:
+            last = time.perf_counter()
+            first = first or last
+            parts.append(piece)
+    return (first - t0) * 1000, (last - first) * 1000, len(parts), "".join(parts)
 
 
 def device_args(args: Any) -> None:
@@ -55,31 +74,27 @@ def device_args(args: Any) -> None:
     args.gpu_layers = 0 if args.cuda_unavailable else -1
 
 
-def inprocess(model: Path, args: Any) -> dict[str, Any]:
+def load_inprocess(model: Path, args: Any) -> Any:
     import llama_cpp
 
     from worker.engine import extra_buffer_types_wanted, model_params
 
     with model_params(use_extra_bufts=extra_buffer_types_wanted(args.backend)):
-        llm = llama_cpp.Llama(str(model), n_ctx=args.ctx, n_threads=args.threads,
-                              n_threads_batch=args.threads, n_gpu_layers=args.gpu_layers,
-                              verbose=False)
-    samples, text = [], ""
-    for i in range(args.runs + 1):
-        t0 = time.perf_counter()
-        first = last = 0.0
-        parts = []
-        for chunk in llm.create_completion(PROMPT, max_tokens=args.max_tokens, temperature=0.0,
-                                           stream=True):
-            if chunk["choices"][0]["text"]:
-                last = time.perf_counter()
-                first = first or last
-                parts.append(chunk["choices"][0]["text"])
-        if i:  # the first run warms caches
-            samples.append(((first - t0) * 1000, (last - first) * 1000, len(parts)))
-            text = "".join(parts)
+        return llama_cpp.Llama(str(model), n_ctx=args.ctx, n_threads=args.threads,
+                               n_threads_batch=args.threads, n_gpu_layers=args.gpu_layers,
+                               verbose=False)
+
+
+def inprocess_once(llm: Any, args: Any) -> Sample:
+    return timed_stream(chunk["choices"][0]["text"] for chunk in llm.create_completion(
+        PROMPT, max_tokens=args.max_tokens, temperature=0.0, stream=True))
+
+
+def inprocess(model: Path, args: Any) -> dict[str, Any]:
+    llm = load_inprocess(model, args)
+    samples = [inprocess_once(llm, args) for _ in range(args.runs + 1)][1:]  # 1st warms up
     llm.close()
-    return summarise(samples, text)
+    return summarise(samples)
 
 
 def free_port() -> int:
@@ -88,7 +103,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def llama_server(model: Path, args: Any) -> dict[str, Any]:
+@contextlib.contextmanager
+def llama_server_running(model: Path, args: Any) -> Iterator[str]:
+    """`python -m llama_cpp.server` on the model, on the same device and threads; its URL."""
     import httpx
 
     port = free_port()
@@ -110,30 +127,32 @@ def llama_server(model: Path, args: Any) -> dict[str, Any]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("llama_cpp.server did not start")
             time.sleep(0.1)
-        samples, text = [], ""
-        with httpx.Client(timeout=300) as client:
-            for i in range(args.runs + 1):
-                body = {"prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0,
-                        "stream": True}
-                t0 = time.perf_counter()
-                first = last = 0.0
-                parts = []
-                with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                    for line in r.iter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        piece = json.loads(line[6:])["choices"][0]["text"]
-                        if piece:
-                            last = time.perf_counter()
-                            first = first or last
-                            parts.append(piece)
-                if i:
-                    samples.append(((first - t0) * 1000, (last - first) * 1000, len(parts)))
-                    text = "".join(parts)
-        return summarise(samples, text)
+        yield url
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def completions_once(client: Any, url: str, args: Any) -> Sample:
+    """One streamed /v1/completions, read as an OpenAI client reads it."""
+    body = {"model": "bench", "prompt": PROMPT, "max_tokens": args.max_tokens,
+            "temperature": 0.0, "stream": True}
+
+    def pieces() -> Iterator[str]:
+        with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    yield json.loads(line[6:])["choices"][0]["text"]
+
+    return timed_stream(pieces())
+
+
+def llama_server(model: Path, args: Any) -> dict[str, Any]:
+    import httpx
+
+    with llama_server_running(model, args) as url, httpx.Client(timeout=300) as client:
+        samples = [completions_once(client, url, args) for _ in range(args.runs + 1)][1:]
+    return summarise(samples)
 
 
 def rbee_warm(model: Path, args: Any) -> dict[str, Any]:
@@ -144,24 +163,31 @@ def rbee_warm(model: Path, args: Any) -> dict[str, Any]:
 
 def infer_runs(box: Sandbox, model_id: str, args: Any) -> dict[str, Any]:
     """`rbee infer` once (cold, unless a worker already serves the model), then warm runs."""
-    infer = ["rbee", "infer", "--model", model_id, "--prompt", PROMPT, "--max-tokens",
-             str(args.max_tokens), "--temperature", "0", "--ctx", str(args.ctx),
-             "--backend", args.backend]
+    infer = infer_argv(model_id, args)
     cold = box.json(*infer)
-    samples, walls, worker_ttft, worker_rate = [], [], [], []
-    for _ in range(args.runs):
-        t0 = time.perf_counter()
-        doc = box.json(*infer)
-        walls.append((time.perf_counter() - t0) * 1000)
-        assert doc["placement"]["path"] == "warm", doc["placement"]
-        assert doc["worker"]["backend"] == args.backend, doc["worker"]
-        t = doc["timings"]
-        samples.append((t["ttft_ms"], t["stream_ms"] - t["ttft_ms"], doc["tokens"]))
-        worker_ttft.append(t["worker_ttft_ms"])
-        worker_rate.append(t["tokens_per_sec"])
-    return {**summarise(samples, doc["text"]), "worker_ttft_ms": median(worker_ttft),
-            "worker_tokens_per_sec": median(worker_rate), "process_wall_ms": median(walls),
+    runs = [infer_once(box, infer, args) for _ in range(args.runs)]
+    return {**summarise([r[0] for r in runs]),
+            **{k: median([r[1][k] for r in runs]) for k in runs[0][1]},
             "cold_total_ms": cold["timings"]["total_ms"], "worker_threads": os.cpu_count()}
+
+
+def infer_argv(model_id: str, args: Any) -> list[str]:
+    return ["rbee", "infer", "--model", model_id, "--prompt", PROMPT, "--max-tokens",
+            str(args.max_tokens), "--temperature", "0", "--ctx", str(args.ctx),
+            "--backend", args.backend]
+
+
+def infer_once(box: Sandbox, argv: list[str], args: Any) -> tuple[Sample, dict[str, float]]:
+    """One warm `rbee infer`: its sample (its own timings) and the worker's figures."""
+    t0 = time.perf_counter()
+    doc = box.json(*argv)
+    wall = (time.perf_counter() - t0) * 1000
+    assert doc["placement"]["path"] == "warm", doc["placement"]
+    assert doc["worker"]["backend"] == args.backend, doc["worker"]
+    t = doc["timings"]
+    sample = (t["ttft_ms"], t["stream_ms"] - t["ttft_ms"], doc["tokens"], doc["text"])
+    return sample, {"worker_ttft_ms": t["worker_ttft_ms"],
+                    "worker_tokens_per_sec": t["tokens_per_sec"], "process_wall_ms": wall}
 
 
 def main() -> None:
