@@ -40,6 +40,21 @@ def parse_devices(value: str | None) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts)
 
 
+def parse_split(value: str | None) -> list[float] | None:
+    """`--tensor-split 0.6,0.4` → shares; USAGE if not positive numbers."""
+    if value is None:
+        return None
+    from rbee_common.errors import UsageError
+
+    try:
+        shares = [float(p) for p in value.split(",")]
+    except ValueError:
+        shares = []
+    if not shares or any(not s > 0 for s in shares):
+        raise UsageError(f"--tensor-split {value!r}: give positive shares, e.g. 0.6,0.4")
+    return shares
+
+
 def root_app(name: str, help: str) -> typer.Typer:
     """The top-level app of an rbee CLI: errors and exit codes are run_app's job, not typer's."""
     return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,

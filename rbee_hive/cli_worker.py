@@ -21,7 +21,12 @@ IdArg = Annotated[str, typer.Argument(metavar="ID", help="Worker id (see `worker
 def spawn(
     backend: Annotated[Backend, typer.Argument(help="cpu, cuda or metal.")],
     model: Annotated[str, typer.Option("--model", help="A model on this host (id or reference).")],
-    device: Annotated[int, typer.Option(min=0, help="Device index of the backend.")] = 0,
+    device: Annotated[str, typer.Option(
+        help="Device index; several GPUs of this host as 0,1 (one worker, layer split).")]
+    = "0",
+    tensor_split: Annotated[str | None, typer.Option(
+        help="Each device's share with several, e.g. 0.6,0.4 (default: by available memory).")]
+    = None,
     port: Annotated[int | None, typer.Option(
         min=1, max=65535, help="Port (default: a free one in 8001–8999).")]
     = None,
@@ -55,10 +60,15 @@ def spawn(
         token = stdin_token()
         if len(token) < 16:
             raise UsageError("--token-stdin needs a token of at least 16 characters on stdin")
+    from rbee_common.clikit import parse_devices, parse_split
+
+    devices = parse_devices(device) or (0,)
     with reporting(fmt) as report:
-        record = hive().spawn(backend.value, model, device=device, port=port, ctx=ctx, bind=bind,
-                              wait=not no_wait, timeout=timeout, token=token, threads=threads,
-                              report=report)
+        record = hive().spawn(backend.value, model,
+                              device=devices[0] if len(devices) == 1 else list(devices),
+                              port=port, ctx=ctx, bind=bind, wait=not no_wait, timeout=timeout,
+                              token=token, threads=threads,
+                              tensor_split=parse_split(tensor_split), report=report)
     emit(record, fmt, render_worker)
 
 

@@ -10,7 +10,7 @@ nothing: `rbee-hive status` runs through it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,10 +50,11 @@ class HiveOps(Protocol):
 
     def follow_logs(self, wid: str, lines: int) -> Iterator[str]: ...
 
-    def spawn(self, backend: str, model: str, *, device: int = 0, port: int | None = None,
-              ctx: int | None = None, bind: str | None = None, wait: bool = True,
-              timeout: float | None = None, token: str | None = None,
-              threads: int | None = None, report: Reporter = null_reporter) -> Doc: ...
+    def spawn(self, backend: str, model: str, *, device: int | Sequence[int] = 0,
+              port: int | None = None, ctx: int | None = None, bind: str | None = None,
+              wait: bool = True, timeout: float | None = None, token: str | None = None,
+              threads: int | None = None, tensor_split: Sequence[float] | None = None,
+              report: Reporter = null_reporter) -> Doc: ...
 
     def stop(self, wid: str, grace: float = 10.0) -> Doc: ...
 
@@ -132,14 +133,16 @@ class InProcess:
 
         return follow_log(wid, lines, True)
 
-    def spawn(self, backend: str, model: str, *, device: int = 0, port: int | None = None,
-              ctx: int | None = None, bind: str | None = None, wait: bool = True,
-              timeout: float | None = None, token: str | None = None,
-              threads: int | None = None, report: Reporter = null_reporter) -> Doc:
+    def spawn(self, backend: str, model: str, *, device: int | Sequence[int] = 0,
+              port: int | None = None, ctx: int | None = None, bind: str | None = None,
+              wait: bool = True, timeout: float | None = None, token: str | None = None,
+              threads: int | None = None, tensor_split: Sequence[float] | None = None,
+              report: Reporter = null_reporter) -> Doc:
         from rbee_hive.spawn import spawn
 
         return spawn(backend, model, device=device, port=port, ctx=ctx, bind=bind, wait=wait,
-                     timeout=timeout, token=token, threads=threads, report=report)
+                     timeout=timeout, token=token, threads=threads, tensor_split=tensor_split,
+                     report=report)
 
     def stop(self, wid: str, grace: float = 10.0) -> Doc:
         from rbee_hive.workers import stop

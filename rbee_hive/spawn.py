@@ -9,11 +9,12 @@ import shlex
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from rbee_common.estimate import Estimate, estimate, max_ctx_that_fits
 from rbee_common.files import atomic_write_bytes
-from rbee_common.fit import Room, default_ctx, fit, room_of
+from rbee_common.fit import Fit, Room, default_ctx, fit, room_of
 from rbee_common.progress import Reporter, null_reporter
 from rbee_hive import schemas
 from rbee_hive.devices import backend_reason, detect, find_device
@@ -54,12 +55,26 @@ def model_estimate(model: dict[str, Any], ctx: int) -> Estimate:
     return estimate(model["size"], g["data_offset"], g.get("kv_per_token"), ctx)
 
 
+def _check_split(model: dict[str, Any], est: Estimate, rooms: list[Room]) -> Fit:
+    """The fit rule across several GPUs of this host: every card must hold its share."""
+    verdict = fit(est, rooms)
+    if verdict.ok:
+        return verdict
+    raise InsufficientVram(
+        f"{model['id']} at ctx {est.ctx} {verdict.reason()}; "
+        + "; ".join(r.describe() for r in rooms),
+        hint="Free a card (stop idle workers), use a smaller --ctx, or a smaller model or "
+             "quantisation.",
+        required_bytes=est.total_bytes, shares=list(verdict.shares),
+        available_bytes=[r.available for r in rooms])
+
+
 def _check_memory(model: dict[str, Any], est: Estimate, room: Room,
-                 inventory: dict[str, Any], live: list[dict[str, Any]]) -> None:
+                  inventory: dict[str, Any], live: list[dict[str, Any]]) -> Fit:
     """The fit rule (rbee_common.fit) as admission: refuse with figures and what would fit."""
     verdict = fit(est, [room])
     if verdict.ok:
-        return
+        return verdict
     available = room.available or 0
     g = model["gguf"]
     suggestions = []
@@ -85,11 +100,20 @@ def _check_memory(model: dict[str, Any], est: Estimate, room: Room,
     )
 
 
-def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = None,
-          ctx: int | None = None, bind: str | None = None, wait: bool = True,
-          timeout: float | None = None, token: str | None = None, threads: int | None = None,
+def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
+          port: int | None = None, ctx: int | None = None, bind: str | None = None,
+          wait: bool = True, timeout: float | None = None, token: str | None = None,
+          threads: int | None = None, tensor_split: Sequence[float] | None = None,
           report: Reporter = null_reporter) -> dict[str, Any]:
-    """Check, start and (unless wait=False) wait for a worker; return its record."""
+    """Check, start and (unless wait=False) wait for a worker; return its record.
+
+    Several devices (GPUs of this host) run one worker with llama.cpp's layer split: the fit
+    rule applies across them, and each takes a share in proportion to what it has available
+    unless `tensor_split` says otherwise."""
+    from worker.launch import check_devices
+
+    devices = [device] if isinstance(device, int) else list(device)
+    check_devices(backend, devices, tensor_split)  # before anything else: a usage error
     timeout = timeout or load_timeout()  # a bad RBEE_LOAD_TIMEOUT refuses before any start
     model = ModelStore().require(model_ref)
     inventory = detect()
@@ -99,20 +123,23 @@ def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = N
             "See `rbee-hive detect`; choose a backend it lists as available.")
         raise BackendUnavailable(f"backend {backend!r} is not available on this host: {reason}",
                                  hint=hint)
-    dev = find_device(inventory, backend, device)
-    if dev is None:
-        have = ", ".join(f"{d['backend']}:{d['index']}" for d in inventory["devices"])
-        raise BackendUnavailable(f"there is no {backend} device {device} on this host",
-                                 hint=f"Devices here: {have}.")
+    devs = []
+    for index in devices:
+        dev = find_device(inventory, backend, index)
+        if dev is None:
+            have = ", ".join(f"{d['backend']}:{d['index']}" for d in inventory["devices"])
+            raise BackendUnavailable(f"there is no {backend} device {index} on this host",
+                                     hint=f"Devices here: {have}.")
+        devs.append(dev)
     ctx = ctx or default_ctx(model["gguf"].get("context_length"))
     est = model_estimate(model, ctx)
     bind = bind or os.environ.get("RBEE_WORKER_BIND") or "127.0.0.1"
     token = token or secrets.token_urlsafe(32)
     tried: set[int] = set()
     for attempt in range(1, PORT_ATTEMPTS + 1):
-        record, proc = _start(model, est, dev, inventory, backend=backend, device=device,
-                              port=port, bind=bind, ctx=ctx, token=token, threads=threads,
-                              avoid=tried)
+        record, proc = _start(model, est, devs, inventory, backend=backend, port=port,
+                              bind=bind, ctx=ctx, token=token, threads=threads,
+                              tensor_split=tensor_split, avoid=tried)
         if not wait:
             return record
         try:
@@ -131,9 +158,10 @@ def spawn(backend: str, model_ref: str, *, device: int = 0, port: int | None = N
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def _start(model: dict[str, Any], est: Estimate, dev: dict[str, Any],
-           inventory: dict[str, Any], *, backend: str, device: int, port: int | None,
+def _start(model: dict[str, Any], est: Estimate, devs: list[dict[str, Any]],
+           inventory: dict[str, Any], *, backend: str, port: int | None,
            bind: str, ctx: int, token: str, threads: int | None,
+           tensor_split: Sequence[float] | None,
            avoid: set[int]) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
     """Admit, choose a port and start one worker process; its record exists before it does."""
     reg = Registry()
@@ -141,17 +169,25 @@ def _start(model: dict[str, Any], est: Estimate, dev: dict[str, Any],
     with reg.lock():
         live = [r for r in reg.all() if r["state"] in schemas.LIVE_STATES
                 and (r["pid"] is None or pid_alive(r["pid"], r["id"]))]
-        _check_memory(model, est, room_of(dev, live), inventory, live)
+        if len(devs) == 1:
+            verdict = _check_memory(model, est, room_of(devs[0], live), inventory, live)
+        else:
+            verdict = _check_split(model, est, [room_of(d, live) for d in devs])
+        devices = [int(d["index"]) for d in devs]
+        split = list(tensor_split or verdict.tensor_split) if len(devs) > 1 else []
         with port_lock() as runtime:
             chosen = pick_port(port, bind, {r["port"] for r in live} | avoid
                                | reserved_ports(runtime))
-            wid = f"{backend}{device}-{secrets.token_hex(3)}"
+            many = f"x{len(devices)}" if len(devices) > 1 else ""
+            wid = f"{backend}{devices[0]}{many}-{secrets.token_hex(3)}"
             url_host = socket.gethostname() if bind in ("0.0.0.0", "::") else bind
             record: dict[str, Any] = {
                 "schema": schemas.WORKER, "id": wid, "pid": None, "port": chosen, "host": bind,
                 "url": f"http://{url_host}:{chosen}" if ":" not in url_host
                 else f"http://[{url_host}]:{chosen}",
-                "backend": backend, "device": device, "model": model["id"],
+                "backend": backend, "device": devices[0], "devices": devices,
+                "device_bytes": list(verdict.shares), "tensor_split": split,
+                "model": model["id"],
                 "model_path": model["path"], "ctx": ctx, "estimate_bytes": est.total_bytes,
                 "state": schemas.LOADING, "message": None,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -167,13 +203,14 @@ def _start(model: dict[str, Any], est: Estimate, dev: dict[str, Any],
                 if is_disk_full(e):
                     raise disk_full(reg.dir, None, e) from e
                 raise
-            argv = worker_argv(model_path=model["path"], backend=backend, device=device,
+            argv = worker_argv(model_path=model["path"], backend=backend, device=devices,
                                port=chosen, host=bind, worker_id=wid, ctx=ctx,
-                               model_id=model["id"], threads=threads)
+                               model_id=model["id"], threads=threads,
+                               tensor_split=split or None)
             log.debug("spawning %s", shlex.join(argv))
             try:
                 with open(reg.log_path(wid), "ab") as logf:
-                    proc = subprocess.Popen(argv, env=worker_env(token, backend, device),
+                    proc = subprocess.Popen(argv, env=worker_env(token, backend, devices),
                                             stdin=subprocess.DEVNULL, stdout=logf,
                                             stderr=subprocess.STDOUT, start_new_session=True,
                                             close_fds=True, cwd=str(reg.dir))

@@ -47,7 +47,8 @@ def test_hosts_add_refuses_what_it_could_not_read_back(rbee_env: Env, args: list
 
 @pytest.mark.parametrize("args", [
     ["--port", "0"], ["--port", "70000"], ["--ctx", "-1"], ["--threads", "0"],
-    ["--timeout", "0"],
+    ["--timeout", "0"], ["--device", "a"], ["--device", "0,1"],  # a CPU worker has one device
+    ["--device", "0", "--tensor-split", "x"], ["--device", "0", "--tensor-split", "0.5,0.5"],
 ])
 def test_worker_spawn_options_are_checked_before_anything_runs(rbee_env: Env,
                                                                args: list[str]) -> None:

@@ -37,9 +37,9 @@ GGUF = ["architecture", "block_count", "context_length", "data_offset", "embeddi
 ESTIMATE = ["ctx", "kv_bytes", "overhead_bytes", "total_bytes", "weights_bytes"]
 MODEL_RECORD = ["added_at", "gguf", "id", "name", "path", "revision", "sha256", "size",
                 "source"]
-WORKER_RECORD = ["backend", "created_at", "ctx", "device", "estimate_bytes", "host", "id", "log",
-                 "message", "model", "model_path", "pid", "port", "ready_s", "schema", "state",
-                 "url"]
+WORKER_RECORD = ["backend", "created_at", "ctx", "device", "device_bytes", "devices",
+                 "estimate_bytes", "host", "id", "log", "message", "model", "model_path", "pid",
+                 "port", "ready_s", "schema", "state", "tensor_split", "url"]
 STATUS = {
     ".": ["backends", "devices", "host", "models", "reserve_bytes", "schema", "workers"],
     ".host": ["hostname", "machine", "platform", "python", "rbee_home", "rbee_version"],

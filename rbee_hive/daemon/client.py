@@ -10,7 +10,7 @@ environment (RBEE_WORKER_BIND, RBEE_LOAD_TIMEOUT, RBEE_DOWNLOAD_RETRIES) are sen
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -106,11 +106,15 @@ class DaemonHive:
         # an idle worker may write nothing for long; the daemon's pings keep the read alive
         return self.api.lines(_w(wid) + f"/logs?lines={lines}&follow=1")
 
-    def spawn(self, backend: str, model: str, *, device: int = 0, port: int | None = None,
-              ctx: int | None = None, bind: str | None = None, wait: bool = True,
-              timeout: float | None = None, token: str | None = None,
-              threads: int | None = None, report: Reporter = null_reporter) -> Doc:
-        body = {"backend": backend, "model": model, "device": device, "port": port, "ctx": ctx,
+    def spawn(self, backend: str, model: str, *, device: int | Sequence[int] = 0,
+              port: int | None = None, ctx: int | None = None, bind: str | None = None,
+              wait: bool = True, timeout: float | None = None, token: str | None = None,
+              threads: int | None = None, tensor_split: Sequence[float] | None = None,
+              report: Reporter = null_reporter) -> Doc:
+        body = {"backend": backend, "model": model,
+                "device": device if isinstance(device, int) else list(device),
+                "tensor_split": list(tensor_split) if tensor_split else None,
+                "port": port, "ctx": ctx,
                 "bind": bind or os.environ.get("RBEE_WORKER_BIND") or None,
                 "threads": threads, "wait": wait,
                 "timeout": timeout if timeout is not None else _env_float("RBEE_LOAD_TIMEOUT"),

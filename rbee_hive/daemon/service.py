@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rbee_common.errors import UsageError
 from rbee_common.progress import Reporter, null_reporter
 from rbee_hive.ops import InProcess
 
@@ -44,13 +43,6 @@ class SpawnArgs:
     timeout: float | None = None
     token: str | None = None
 
-    def one_device(self) -> int:
-        """The device index; this hive's spawn runs a worker on one device."""
-        devices = [self.device] if isinstance(self.device, int) else list(self.device)
-        if len(devices) != 1 or (self.tensor_split is not None and len(self.tensor_split) > 1):
-            raise UsageError(f"devices {devices}: this hive starts a worker on one device",
-                             hint="Give one device.")
-        return int(devices[0])
 
 
 def reap(pid: int) -> None:
@@ -113,11 +105,11 @@ class PoolService:
         """Admit and start a worker under the lock; wait for it to load outside it."""
         from rbee_hive.spawn import load_timeout, wait_ready
 
-        device = args.one_device()
         with self._changing():
-            record = self.local.spawn(args.backend, args.model, device=device, port=args.port,
-                                      ctx=args.ctx, bind=args.bind, wait=False,
-                                      token=args.token, threads=args.threads)
+            record = self.local.spawn(args.backend, args.model, device=args.device,
+                                      port=args.port, ctx=args.ctx, bind=args.bind, wait=False,
+                                      token=args.token, threads=args.threads,
+                                      tensor_split=args.tensor_split)
         log.info("worker %s started: %s on %s:%s, port %s, pid %s", record["id"],
                  record["model"], record["backend"], record["device"], record["port"],
                  record["pid"])
