@@ -294,3 +294,23 @@ def test_cli_jobs_and_infer_through_the_queen(queen: QueenProc, rbee_env: Env) -
     assert {t["id"] for t in listed["tasks"]} >= {job}
     missing = run("rbee", "infer", "-m", "nope", "-p", "x", "--format", "json", env=env)
     assert missing.returncode == 1 and missing.json()["error"]["code"] == "MODEL_NOT_FOUND"
+
+
+def test_openai_parameters_pass_through_the_queen_or_are_refused_by_name(
+        queen: QueenProc) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{queen.url}/v1", api_key=queen.token, max_retries=0)
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0,
+                                  presence_penalty=0.5, frequency_penalty=0.5,
+                                  logit_bias={"3": -1.0})
+    assert len(r.choices[0].text) == 4
+    job = queen.get("/v2/tasks").json()["tasks"][0]
+    sent = queen.get(f"/v2/tasks/{job['id']}").json()["request"]["extra"]
+    assert sent["presence_penalty"] == 0.5 and sent["logit_bias"] == {"3": -1.0}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=2, logprobs=2)
+    assert e.value.param == "logprobs"
+    with pytest.raises(openai.BadRequestError) as e:  # a prompt longer than the context
+        client.completions.create(model="tiny", prompt="Hello " * 6000, max_tokens=2)
+    assert e.value.code == "context_length_exceeded"

@@ -42,9 +42,10 @@ def openai_error(err: RbeeError, status: int | None = None,
 
 
 def job_error(data: dict[str, Any]) -> RbeeError:
-    """A job's `error` event as the error it reports."""
+    """A job's `error` event as the error it reports (its details kept: the OpenAI code of a
+    context overflow rides in them)."""
     return RemoteError(str(data.get("code") or "INTERNAL"), str(data.get("message")),
-                       hint=str(data.get("hint") or ""))
+                       hint=str(data.get("hint") or ""), **(data.get("details") or {}))
 
 
 def guard(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -70,8 +71,25 @@ async def models(request: Request) -> Response:
 
 
 def _params(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    """The sampling the job carries to the worker's /execute; what the queen's job events
+    cannot carry back (log-probabilities, the echoed prompt) is refused naming the field."""
+    for name in ("logprobs", "top_logprobs", "echo"):
+        if getattr(req, name, None):
+            raise HTTPError(400, InvalidRequest(
+                f"{name}: not available through the queen (ask the worker directly)",
+                field=name, openai_code="unsupported_parameter"))
+    extra: dict[str, Any] = {}
+    for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                      ("repeat_penalty", 1.0)):
+        if getattr(req, name) != off:
+            extra[name] = getattr(req, name)
+    if req.logit_bias:
+        extra["logit_bias"] = req.logit_bias
+    if req.response_format is not None:
+        extra["response_format"] = req.response_format.model_dump(by_alias=True,
+                                                                   exclude_none=True)
     return {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
-            "seed": req.seed, "stop": tuple(stop_list(req.stop))}
+            "seed": req.seed, "stop": tuple(stop_list(req.stop)), "extra": extra}
 
 
 async def completions(request: Request) -> Response:
