@@ -340,8 +340,3 @@ def known(rbee_env: Env, ssh_pool: SshPool) -> None:
 def points_at(world: World, rbee_env: Env, name: str, line: int) -> None:
     d = world.error()["details"]
     assert d["file"] == str(rbee_env.config / name) and d["line"] == line
-
-
-@then(parsers.parse('stdout is one JSON document with schema "{schema}"'))
-def schema_doc(world: World, schema: str) -> None:
-    assert world.doc()["schema"] == schema

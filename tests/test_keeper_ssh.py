@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import Env, SshPool
@@ -54,24 +51,6 @@ def test_pool_status_reports_every_host_and_exits_3_when_one_is_down(ssh_pool: S
     assert text.returncode == 3
     assert "h1" in text.stdout and "h3" in text.stdout and "error" in text.stdout
     assert "HOST_UNREACHABLE" in text.stderr
-
-
-def test_unknown_host_key_is_refused_then_accepted_with_the_opt_in(ssh_pool: SshPool,
-                                                                   rbee_env: Env) -> None:
-    (h1,) = ssh_pool.start(1, known=False)
-    known = rbee_env.home / ".ssh" / "known_hosts"
-    r = run("rbee", "hosts", "check", "h1", "--format", "json")
-    assert r.returncode == 1
-    (host,) = r.json()["hosts"]
-    assert host["error"]["code"] == "HOST_KEY_UNKNOWN"
-    assert host["error"]["details"]["fingerprint"].startswith("SHA256:")
-    assert [c["ok"] for c in host["checks"]] == [True, False, None, None, None]
-    assert not known.exists()
-    ok = run("rbee", "hosts", "check", "h1", "--accept-new-host-key", "--format", "json")
-    assert ok.returncode == 0, ok
-    assert f"[{h1.sshd.address}]:{h1.sshd.port} ssh-ed25519" in known.read_text()
-    again = run("rbee", "hosts", "check", "h1")
-    assert again.returncode == 0 and "hive:ok" in again.stdout.replace("[green]", "")
 
 
 def test_a_changed_host_key_is_refused(ssh_pool: SshPool, rbee_env: Env) -> None:
@@ -160,16 +139,6 @@ def test_placement_picks_the_host_that_fits_and_explains_the_rest(
     assert rejected["h3"]["reason"].startswith("unreachable (HOST_UNREACHABLE)")
 
 
-def test_nothing_fits_lists_every_hosts_reason(ssh_pool: SshPool, catalog: str) -> None:
-    ssh_pool.start(2, extra_env={"RBEE_RESERVE_MIB": str(10**9)})
-    r = run("rbee", "infer", "--model", catalog, "--prompt", "x", "--format", "json")
-    assert r.returncode == 1
-    err = error_of(r)
-    assert err["code"] == "INSUFFICIENT_RAM"
-    assert [x["host"] for x in err["details"]["rejected"]] == ["h1", "h2"]
-    assert "h1 cpu:0: needs" in err["message"] and "h2 cpu:0: needs" in err["message"]
-
-
 def test_host_backend_and_device_constrain_placement(ssh_pool: SshPool, catalog: str) -> None:
     ssh_pool.start(2)
     doc = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "2", "--host", "h2",
@@ -221,63 +190,6 @@ def test_arguments_with_metacharacters_cross_ssh_quoted(ssh_pool: SshPool, rbee_
 def _workers(host: str) -> list[dict]:
     doc = run("rbee", "workers", "list", "--host", host, "--format", "json").json()
     return list(doc["workers"])
-
-
-def test_worker_killed_mid_stream_is_worker_crashed_with_partial_text(
-        ssh_pool: SshPool, catalog: str) -> None:
-    ssh_pool.start(1)
-    infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "1", "--ctx", "32768")
-    (w,) = _workers("h1")
-    proc = popen("rbee", "infer", "--model", catalog, "--prompt", "Hello",
-                 "--max-tokens", "30000")
-    assert proc.stdout is not None
-    first = proc.stdout.read(20)
-    assert first == "pqrstuvwxyz abcdefgh"
-    os.kill(w["pid"], signal.SIGKILL)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 1
-    assert "WORKER_CRASHED" in err
-    assert len(first + out) < 30000 and (first + out).startswith("pqrstuvwxyz abc")
-    (dead,) = _workers("h1")
-    assert dead["state"] == "dead"
-
-
-def test_ctrl_c_cancels_the_job_on_the_worker_and_exits_130(ssh_pool: SshPool,
-                                                            catalog: str) -> None:
-    ssh_pool.start(1)
-    infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "1", "--ctx", "32768")
-    proc = popen("rbee", "infer", "--model", catalog, "--prompt", "Hello",
-                 "--max-tokens", "30000")
-    assert proc.stdout is not None
-    assert proc.stdout.read(10) == "pqrstuvwxy"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "CANCELLED" in err
-    assert out.endswith("\n") and len(out) < 30000  # the partial text stays, on its own line
-    (w,) = _workers("h1")
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{w['url']}/health").json()["status"] != "ready":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    cache = json.loads((Path(os.environ["RBEE_CONFIG_DIR"]) / "workers.json").read_text())
-    token = cache["workers"][0]["token"]
-    metrics = httpx.get(f"{w['url']}/metrics", headers={"Authorization": f"Bearer {token}"})
-    assert 'outcome="cancelled"} 1' in metrics.text
-
-
-def test_a_busy_worker_sends_the_next_job_to_another(ssh_pool: SshPool, catalog: str) -> None:
-    ssh_pool.start(1)
-    first = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "1",
-                  "--ctx", "32768")
-    long = popen("rbee", "infer", "--model", catalog, "--prompt", "Hello",
-                 "--max-tokens", "30000")
-    assert long.stdout is not None and long.stdout.read(5) == "pqrst"
-    second = infer("--model", catalog, "--prompt", "Hello!", "--max-tokens", "5")
-    assert second["text"] == "KO"
-    assert second["worker"]["id"] != first["worker"]["id"]
-    long.send_signal(signal.SIGINT)
-    long.communicate(timeout=30)
-    assert len(_workers("h1")) == 2
 
 
 def test_pool_passthrough_download_spawn_list_stop(ssh_pool: SshPool, catalog: str,
@@ -338,19 +250,6 @@ def test_hosts_add_list_rm_keep_the_users_comments(rbee_env: Env) -> None:
     text = path.read_text()
     assert "# my gpu box" in text and "[hosts.ws]" in text and "mac" not in text
     assert run("rbee", "hosts", "rm", "nope").returncode == 1
-
-
-def test_malformed_hosts_toml_names_file_and_line(rbee_env: Env) -> None:
-    path = rbee_env.config / "hosts.toml"
-    path.write_text('[hosts.a]\nssh = "a@b"\n\n[hosts.b]\ntransport = "telnet"\n')
-    r = run("rbee", "pool", "status", "--format", "json")
-    assert r.returncode == 1
-    err = error_of(r)
-    assert err["code"] == "CONFIG_INVALID" and err["details"]["line"] == 5
-    assert err["details"]["file"] == str(path)
-    path.write_text('[hosts.a]\nssh = "a@b\n')
-    r = run("rbee", "hosts", "list")
-    assert r.returncode == 1 and f"{path}:2" in r.stderr
 
 
 def test_proxyjump_from_ssh_config_is_honoured(ssh_pool: SshPool, rbee_env: Env) -> None:

@@ -43,21 +43,3 @@ Feature: The pool, its hosts and their configuration
     When I run `rbee-hive models catalog --format json`
     Then it fails with exit code 1 and "CONFIG_INVALID"
     And the error points at catalog.toml line 3
-
-  Scenario Outline: Every list and status command speaks versioned JSON
-    Given a pool of 1 host reached over SSH
-    When I run `<command> --format json`
-    Then it succeeds
-    And stdout is one JSON document with schema "<schema>"
-
-    Examples:
-      | command                  | schema               |
-      | rbee-hive status         | rbee.hive.status/v1  |
-      | rbee-hive detect         | rbee.hive.detect/v1  |
-      | rbee-hive models catalog | rbee.hive.catalog/v1 |
-      | rbee-hive models list    | rbee.hive.models/v1  |
-      | rbee-hive worker list    | rbee.hive.workers/v1 |
-      | rbee hosts list          | rbee.hosts/v1        |
-      | rbee hosts check --all   | rbee.hosts.check/v1  |
-      | rbee pool status         | rbee.pool.status/v1  |
-      | rbee workers list        | rbee.workers/v1      |
