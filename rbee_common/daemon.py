@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,25 +226,22 @@ def own_argv(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def follow_log(path: Path, lines: int, alive: Callable[[], bool] | None = None
-               ) -> Iterator[str]:
-    """A log's last lines, then (when `alive` is given) new lines while it returns True."""
-    yield from log_tail(path, lines)
-    if alive is None:
-        return
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        partial = b""
-        while True:
-            chunk = f.read()
-            if chunk:
-                partial += chunk
-                *done, partial = partial.split(b"\n")
-                for line in done:
-                    yield line.decode("utf-8", errors="replace")
-                continue
-            if not alive():
-                if partial:
-                    yield partial.decode("utf-8", errors="replace")
-                return
-            time.sleep(0.2)
+def serve_app(app: Any, sock: socket.socket, files: DaemonFiles,
+              on_stop: Callable[[], None], lifespan: str = "off", **state: Any) -> None:
+    """Serve `app` on `sock` until SIGTERM/SIGINT, recorded in the state file meanwhile;
+    `on_stop` runs (then the state file goes) however the server ends."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           lifespan=lifespan, timeout_graceful_shutdown=3))
+    write_state(files, **state)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler that
+    # was there before it: make that one a no-op, so the cleanup below runs and we exit 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        try:
+            on_stop()
+        finally:
+            clear_state(files)

@@ -126,3 +126,33 @@ def _debug_traceback() -> None:
         import traceback
 
         traceback.print_exc(file=sys.stderr)
+
+
+class TokenSink:
+    """Generated text as it arrives: raw on stdout in text mode (neutralised on a terminal),
+    `{"event": "token"}` lines in ndjson, held back in json (the document comes at the end).
+    Used as a context manager, it leaves partial text on a line of its own however the
+    stream ends."""
+
+    def __init__(self, fmt: Format) -> None:
+        self.fmt = fmt
+        self.last = ""
+
+    def __call__(self, t: str) -> None:
+        if t:
+            self.last = t
+        if self.fmt is Format.text:
+            from rbee_common.textsafe import for_terminal
+
+            sys.stdout.write(for_terminal(t, sys.stdout))
+            sys.stdout.flush()
+        elif self.fmt is Format.ndjson:
+            write_json({"event": "token", "t": t})
+
+    def __enter__(self) -> TokenSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fmt is Format.text and self.last and not self.last.endswith("\n"):
+            sys.stdout.write("\n")  # the partial text stays, on its own line
+            sys.stdout.flush()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,25 +42,9 @@ def error_from_log(path: Path) -> RbeeError | None:
 
 def follow_log(wid: str, lines: int, follow: bool) -> Iterator[str]:
     """The log's last lines, then (with follow) new lines until the worker exits."""
+    from rbee_common.logfollow import follow as follow_file
+
     reg = Registry()
     record = reg.get(wid)
-    path = reg.log_path(wid)
-    yield from log_tail(path, lines)
-    if not follow:
-        return
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        partial = b""
-        while True:
-            chunk = f.read()
-            if chunk:
-                partial += chunk
-                *done, partial = partial.split(b"\n")
-                for line in done:
-                    yield line.decode("utf-8", errors="replace")
-                continue
-            if not pid_alive(record["pid"], wid):
-                if partial:
-                    yield partial.decode("utf-8", errors="replace")
-                return
-            time.sleep(0.2)
+    alive = (lambda: pid_alive(record["pid"], wid)) if follow else None
+    yield from follow_file(reg.log_path(wid), lines, alive)

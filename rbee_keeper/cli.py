@@ -10,8 +10,7 @@ import typer
 from rbee_common.clikit import FormatOpt, VersionOpt, parse_devices, reporting, root_app
 from rbee_common.errors import UsageError
 from rbee_common.names import BACKENDS
-from rbee_common.output import Format, console, run_app, write_json
-from rbee_common.textsafe import for_terminal
+from rbee_common.output import Format, TokenSink, console, run_app, write_json
 from rbee_keeper.cli_hosts import app as hosts_app
 from rbee_keeper.cli_jobs import app as jobs_app
 from rbee_keeper.cli_pool import pool
@@ -78,26 +77,11 @@ def infer(
         device=parse_devices(device),
         ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, stop=tuple(stop or ()))
-    printed: list[str] = []
-
-    def on_text(t: str) -> None:
-        printed.append(t)
-        if fmt is Format.text:
-            sys.stdout.write(for_terminal(t, sys.stdout))
-            sys.stdout.flush()
-        elif fmt is Format.ndjson:
-            write_json({"event": "token", "t": t})
-
-    try:
-        with reporting(fmt) as report:
-            if infer_mod.uses_queen():
-                doc = infer_mod.run_via_queen(req, on_text, report)
-            else:
-                doc = infer_mod.run(req, on_text, report, accept_new_host_key)
-    finally:
-        if fmt is Format.text and printed and not "".join(printed).endswith("\n"):
-            sys.stdout.write("\n")  # the partial text stays, on its own line
-            sys.stdout.flush()
+    with TokenSink(fmt) as on_text, reporting(fmt) as report:
+        if infer_mod.uses_queen():
+            doc = infer_mod.run_via_queen(req, on_text, report)
+        else:
+            doc = infer_mod.run(req, on_text, report, accept_new_host_key)
     if fmt is Format.text:
         from rbee_keeper.render import infer_summary
 

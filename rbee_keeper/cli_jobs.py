@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from rbee_common.clikit import FormatOpt
-from rbee_common.output import Format, emit, write_json
-from rbee_common.textsafe import for_terminal
+from rbee_common.output import Format, TokenSink, emit, write_json
 
 if TYPE_CHECKING:
     from rbee_keeper.queen_client import QueenClient
@@ -30,21 +29,8 @@ def _client(url: str | None) -> QueenClient:
 def _stream(client: QueenClient, job_id: str, fmt: Format) -> int:
     from rbee_keeper.queen_client import follow
 
-    printed: list[str] = []
-
-    def on_text(t: str) -> None:
-        printed.append(t)
-        if fmt is Format.text:
-            sys.stdout.write(for_terminal(t, sys.stdout))
-            sys.stdout.flush()
-        elif fmt is Format.ndjson:
-            write_json({"event": "token", "t": t})
-
-    try:
+    with TokenSink(fmt) as on_text:
         end = follow(client, job_id, on_text)
-    finally:
-        if fmt is Format.text and printed and not "".join(printed).endswith("\n"):
-            sys.stdout.write("\n")
     doc = client.task(job_id)
     if fmt is Format.text:
         from rbee_common.output import console

@@ -82,5 +82,7 @@ def token_doc() -> dict[str, Any]:
 
 def log_lines(lines: int, follow: bool) -> Iterator[str]:
     files = queen_files()
-    yield from daemon.follow_log(files.log_path, lines,
+    from rbee_common.logfollow import follow
+
+    yield from follow(files.log_path, lines,
                                  (lambda: daemon.running(files) is not None) if follow else None)

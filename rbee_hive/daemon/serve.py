@@ -4,20 +4,18 @@ and the detached start, which runs `python -m rbee_hive.daemon`."""
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from rbee_common.daemon import (
     DaemonAlreadyRunning,
-    clear_state,
     listen,
     local_url,
     running,
+    serve_app,
     token,
     url_of,
-    write_state,
 )
 from rbee_common.errors import RbeeError
 from rbee_hive.daemon import DEFAULT_BIND, DEFAULT_PORT, daemon_files
@@ -39,8 +37,6 @@ def serve(opts: ServeOptions) -> int:
 
     Workers it started keep running when it stops: they are the host's, not the daemon's.
     """
-    import uvicorn
-
     from rbee_hive.daemon.app import create_app
     from rbee_hive.daemon.service import PoolService
     from rbee_hive.daemon.watch import QueenLink, QueenSettings, Watcher
@@ -68,28 +64,22 @@ def serve(opts: ServeOptions) -> int:
                 "queen": link.summary() if link is not None else None}
 
     app = create_app(service, secret, info)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           lifespan="on", timeout_graceful_shutdown=3))
     if link is not None:
         link.start()
         log.info("heartbeats to the queen at %s as host %r every %gs", link.settings.url,
                  link.settings.host, opts.heartbeat_interval)
     watcher.start()
-    write_state(files, url=url, port=opts.port, bind=opts.bind,
-                local_url=local_url(opts.bind, opts.port),
-                queen_url=queen.url if queen is not None else None)
     log.info("pool daemon on %s (RBEE_HOME %s)", url, files.dir)
-    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler that
-    # was there before it: make that one a no-op, so the cleanup below runs and we exit 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        server.run(sockets=[sock])
-    finally:
+
+    def stop() -> None:
         watcher.stop()
         if link is not None:
             link.stop()
-        clear_state(files)
         log.info("pool daemon stopped")
+
+    serve_app(app, sock, files, stop, lifespan="on", url=url, port=opts.port, bind=opts.bind,
+              local_url=local_url(opts.bind, opts.port),
+              queen_url=queen.url if queen is not None else None)
     return 0
 
 

@@ -4,7 +4,6 @@ start, which runs `python -m rbee_keeper.queen`)."""
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -12,13 +11,12 @@ from typing import Any
 from rbee_common.daemon import (
     DaemonAlreadyRunning,
     DaemonFiles,
-    clear_state,
     listen,
     local_url,
     running,
+    serve_app,
     token,
     url_of,
-    write_state,
 )
 from rbee_common.errors import RbeeError
 from rbee_common.paths import config_dir
@@ -48,8 +46,6 @@ class ServeOptions:
 
 def serve(opts: ServeOptions) -> int:
     """Run the queen until SIGTERM/SIGINT; it records itself in queen.json while it runs."""
-    import uvicorn
-
     from rbee_keeper.hosts import load_hosts
     from rbee_keeper.queen.app import create_app
     from rbee_keeper.queen.runtime import Queen, QueenSettings
@@ -69,20 +65,14 @@ def serve(opts: ServeOptions) -> int:
                                 poll_interval=opts.poll_interval), store, load_hosts)
     queen.start()
     app = create_app(queen, secret)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           lifespan="off", timeout_graceful_shutdown=3))
-    write_state(files, url=url_of(opts.bind, opts.port), port=opts.port, bind=opts.bind,
-                local_url=local_url(opts.bind, opts.port))
     log.info("queen on %s", url_of(opts.bind, opts.port))
-    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler that
-    # was there before it: make that one a no-op, so the cleanup below runs and we exit 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        server.run(sockets=[sock])
-    finally:
+
+    def stop() -> None:
         queen.stop()
         store.close()
-        clear_state(files)
+
+    serve_app(app, sock, files, stop, url=url_of(opts.bind, opts.port), port=opts.port,
+              bind=opts.bind, local_url=local_url(opts.bind, opts.port))
     return 0
 
 
