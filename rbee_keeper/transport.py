@@ -367,13 +367,7 @@ class SshTransport:
             # up, or the connection dropped), rather than running on unseen
             chan.sendall((json.dumps({"env": self.host.env, "watch_stdin": True,
                                       **(secrets or {})}) + "\n").encode())
-            err: list[bytes] = []
-            drainer = _drain(chan.makefile_stderr("rb"), err)
-            reply = HiveReply()
-            for raw in chan.makefile("rb"):
-                reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
-            reply.exit_code = chan.recv_exit_status()
-            drainer.join(timeout=5)
+            reply = self._read(chan, on_event, on_line, "rbee-hive")
         except TimeoutError as e:
             raise HostUnreachable(f"{self.host.name}: rbee-hive gave no answer within "
                                   f"{timeout:g}s; stopped it") from e
@@ -381,11 +375,6 @@ class SshTransport:
             raise HostUnreachable(f"{self.host.name}: the SSH connection broke: {e}") from e
         finally:
             chan.close()  # the remote hive sees its stdin close and ends (Ctrl+C, timeout)
-        reply.stderr = b"".join(err).decode("utf-8", errors="replace")
-        if reply.exit_code == -1 and reply.result is None and reply.error is None:
-            # paramiko's "no exit status": the connection went away while the command ran
-            raise HostUnreachable(f"{self.host.name}: the SSH connection broke while "
-                                  f"rbee-hive was running")
         if reply.exit_code in (126, 127) and reply.result is None and reply.error is None:
             first = (reply.stderr.strip().splitlines() or [""])[-1]
             raise HiveNotInstalled(
@@ -405,26 +394,36 @@ class SshTransport:
         chan = self._open_channel()
         try:
             chan.exec_command(command)
-            try:
+            with contextlib.suppress(OSError):  # it exited without reading: its output says why
                 chan.sendall(stdin)
                 chan.shutdown_write()
-            except OSError:
-                pass  # it exited without reading: its output says why
-            err: list[bytes] = []
+            return self._read(chan, on_event, on_line, "the command")
+        except (OSError, EOFError) as e:
+            raise HostUnreachable(f"{self.host.name}: the SSH connection broke: {e}") from e
+        finally:
+            chan.close()
+
+    def _read(self, chan: Any, on_event: Reporter | None,
+              on_line: Callable[[str], None] | None, what: str) -> HiveReply:
+        """A command's ndjson stdout, its stderr and exit status; a connection that goes away
+        meanwhile is HOST_UNREACHABLE."""
+        err: list[bytes] = []
+        try:
             drainer = _drain(chan.makefile_stderr("rb"), err)
             reply = HiveReply()
             for raw in chan.makefile("rb"):
                 reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
             reply.exit_code = chan.recv_exit_status()
             drainer.join(timeout=5)
+        except TimeoutError:
+            raise
         except (OSError, EOFError) as e:
-            chan.close()
             raise HostUnreachable(f"{self.host.name}: the SSH connection broke: {e}") from e
         reply.stderr = b"".join(err).decode("utf-8", errors="replace")
-        chan.close()
         if reply.exit_code == -1 and reply.result is None and reply.error is None:
-            raise HostUnreachable(f"{self.host.name}: the SSH connection broke while the "
-                                  f"command was running")
+            # paramiko's "no exit status": the connection went away while the command ran
+            raise HostUnreachable(f"{self.host.name}: the SSH connection broke while {what} "
+                                  "was running")
         return reply
 
     def close(self) -> None:
