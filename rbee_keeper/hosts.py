@@ -22,6 +22,8 @@ from rbee_keeper.hostsfile import IMPLICIT, hosts_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# a host's env may hold secrets (HF_TOKEN): the file is the user's alone
+HOSTS_MODE = 0o600
 _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # no NUL, newline or other controls
 
 
@@ -239,7 +241,7 @@ def add_host(name: str, host: HostConfig) -> dict[str, Any]:
             pairs = ", ".join(f"{k} = {toml_string(v)}" for k, v in host.env.items())
             lines.append(f"env = {{ {pairs} }}")
         new = text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
-        atomic_write_bytes(path, new.encode())
+        atomic_write_bytes(path, new.encode(), mode=HOSTS_MODE)
         load_hosts()  # what we wrote must read back
     return _changed("add", name, path)
 
@@ -260,7 +262,7 @@ def remove_host(name: str) -> dict[str, Any]:
         while end > start + 1 and (not lines[end - 1].strip()
                                    or lines[end - 1].lstrip().startswith("#")):
             end -= 1
-        atomic_write_bytes(path, "".join(lines[:start] + lines[end:]).encode())
+        atomic_write_bytes(path, "".join(lines[:start] + lines[end:]).encode(), mode=HOSTS_MODE)
     return _changed("rm", name, path)
 
 
@@ -292,9 +294,9 @@ def set_hive(name: str, hive: str) -> bool:
                 break
         else:
             lines.insert(start + 1, f"hive = {toml_string(hive)}\n")
-        atomic_write_bytes(path, "".join(lines).encode())
+        atomic_write_bytes(path, "".join(lines).encode(), mode=HOSTS_MODE)
         if get_host(name).hive != hive:  # a layout this edit does not understand
-            atomic_write_bytes(path, text.encode())
+            atomic_write_bytes(path, text.encode(), mode=HOSTS_MODE)
             raise ConfigInvalid(f"{path}: could not set hive for {name}",
                                 hint=f"Set it by hand under [hosts.{name}]: "
                                      f"hive = {toml_string(hive)}", file=str(path))

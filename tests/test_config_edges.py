@@ -106,3 +106,13 @@ def test_a_damaged_workers_json_is_set_aside_never_fatal(rbee_env: Env, tiny_reg
         aside = list(rbee_env.config.glob("workers.json.corrupt-*"))
         assert aside and aside[0].read_text() == content
         assert "workers.json" in r.stderr  # the warning names the file
+
+
+def test_hosts_toml_is_written_for_its_owner_alone(rbee_env: Env) -> None:
+    r = run("rbee", "hosts", "add", "x", "--ssh", "me@x.home.arpa", "--env", "HF_TOKEN=hf_secret")
+    assert r.returncode == 0, r
+    path = rbee_env.config / "hosts.toml"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert run("rbee", "hosts", "rm", "x").returncode == 0
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert "hf_secret" not in run("rbee", "hosts", "list").stdout
