@@ -232,8 +232,13 @@ def serve_app(app: Any, sock: socket.socket, files: DaemonFiles,
     `on_stop` runs (then the state file goes) however the server ends."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           lifespan=lifespan, timeout_graceful_shutdown=3))
+    from rbee_common.tcpserve import http_protocol
+
+    # log_config=None: uvicorn logs through the handler the daemon set up (its log file)
+    server = uvicorn.Server(uvicorn.Config(app, http=http_protocol(), ws="none",
+                                           log_config=None, log_level="warning",
+                                           access_log=False, lifespan=lifespan,
+                                           timeout_graceful_shutdown=3))
     write_state(files, **state)
     # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler that
     # was there before it: make that one a no-op, so the cleanup below runs and we exit 0

@@ -447,6 +447,11 @@ class Queen:
                 waiting, serving, busy, self.settings.max_workers_per_model):
             return None
         statuses = self._statuses()
+        if serving:  # another worker for it goes to another host or device, never beside one
+            statuses = _without_devices(statuses, {
+                (w.host, w.backend, d) for w in mine for d in w.devices} | {
+                (r["host"], r["backend"], d) for r in self.reservations.values()
+                if r["model"] == job.model_id for d in r["devices"]})
         need = self._need(job, statuses)
         if need is None:
             return None  # its GGUF header is still being read
@@ -946,3 +951,15 @@ def model_spec(ref: str) -> ModelSpec:
     from rbee_keeper.infer import _spec
 
     return _spec(ref)
+
+
+def _without_devices(statuses: dict[str, dict[str, Any] | RbeeError],
+                     taken: set[tuple[str, str, int]]) -> dict[str, dict[str, Any] | RbeeError]:
+    """Host statuses with some devices left out (placement then looks elsewhere)."""
+    out: dict[str, dict[str, Any] | RbeeError] = {}
+    for name, status in statuses.items():
+        if isinstance(status, dict):
+            status = {**status, "devices": [d for d in status.get("devices", [])
+                                            if (name, d["backend"], d["index"]) not in taken]}
+        out[name] = status
+    return out
