@@ -76,6 +76,12 @@ class Lab:
         return httpx.request(method, self.queen.url + path, headers=self.queen.headers,
                              timeout=30, **kw)
 
+    def stop_workers(self) -> None:
+        for w in self.api("GET", "/v2/state").json()["workers"]:
+            stopped = self.api("POST", "/v2/workers/stop", json={"host": w["host"], "id": w["id"]})
+            assert stopped.status_code == 200, stopped.text
+        assert self.api("GET", "/v2/state").json()["workers"] == []
+
     def record(self, **figures: Any) -> None:
         self.figures.update(figures)
         (self.shots / "figures.json").write_text(json.dumps(self.figures, indent=2))
@@ -296,7 +302,7 @@ def test_models_page_downloads_with_progress_starts_and_stops_a_worker_and_sets_
     ttl = row.locator("input.ttl")
     ttl.fill("600")
     row.get_by_role("button", name="Set").click()
-    expect(page.locator(".toast")).to_contain_text("idle TTL 600 s")
+    expect(page.locator(".toast", has_text="idle TTL 600 s")).to_be_visible()  # among others
     tiny = next(m for m in lab.api("GET", "/v2/models").json()["models"] if m["id"] == "tiny")
     assert tiny["ttl"] == 600
 
@@ -342,6 +348,7 @@ def run_prompt(page: Any, max_tokens: int, prompt: str = "Hello", chat: bool = F
 def test_a_playground_prompt_streams_and_its_job_shows_its_placement(lab: Lab,
                                                                      page: Any) -> None:
     q = lab.queen
+    lab.stop_workers()  # this test reads a cold start, whatever an earlier test left running
     page.goto(q.url + "/#/playground")
     expect(page.locator("#pg-model option[value=tiny]")).to_have_count(1)
     page.evaluate(WATCH_ANSWER)
