@@ -56,6 +56,9 @@ def infer(
     seed: Annotated[int | None, typer.Option(min=0, max=2**32 - 1, help="Sampling seed.")]
     = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    split: Annotated[str | None, typer.Option(
+        metavar="HOST,HOST", help="One model across these hosts (llama.cpp RPC over SSH); "
+                                  "the first runs the worker.")] = None,
     accept_new_host_key: AcceptNewOpt = False,
     fmt: FormatOpt = Format.text,
 ) -> None:
@@ -64,8 +67,10 @@ def infer(
     Examples:
       rbee infer -m qwen2.5-0.5b -p "Why is the sky blue?"
       echo "Summarise: …" | rbee infer -m tinyllama -p - --host mac --format json
+      rbee infer -m llama-70b -p "Hi" --split workstation,gaming
     """
     from rbee_keeper import infer as infer_mod
+    from rbee_keeper.split import split_hosts
 
     text = sys.stdin.read() if prompt == "-" else prompt
     if not text:
@@ -76,7 +81,7 @@ def infer(
         model=model, prompt=text, hosts=tuple(host or ()), backend=backend,
         device=parse_devices(device),
         ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        seed=seed, stop=tuple(stop or ()))
+        seed=seed, stop=tuple(stop or ()), split=split_hosts(split, host, device))
     with TokenSink(fmt) as on_text, reporting(fmt) as report:
         if infer_mod.uses_queen():
             doc = infer_mod.run_via_queen(req, on_text, report)

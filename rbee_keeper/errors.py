@@ -73,3 +73,11 @@ class InstallFailed(RbeeError):
     """Installing rbee on a host failed; the message carries the last lines of its output."""
 
     code = "INSTALL_FAILED"
+
+
+class TunnelFailed(RbeeError):
+    """A tunnel to an RPC lender could not be set up through SSH."""
+
+    code = "TUNNEL_FAILED"
+    default_hint = ("The host's sshd must allow TCP forwarding (AllowTcpForwarding yes, the "
+                    "default); check it with `rbee hosts check NAME`.")

@@ -45,6 +45,7 @@ class SpawnRequest:
     tensor_split: Sequence[float] | None = None
     wait: bool = True
     timeout: float | None = None
+    rpc: Sequence[str] = ()  # lenders' RPC endpoints as this host reaches them (HOST:PORT)
 
     def devices(self) -> list[int]:
         return [self.device] if isinstance(self.device, int) else list(self.device)
@@ -98,6 +99,18 @@ class HiveClient(Protocol):
         """Any other `rbee-hive` command (`rbee pool <command> --host NAME`); its result."""
         ...
 
+    def lend(self, device: str, *, cache_dir: str | None = None) -> Doc:
+        """Start an RPC lender of one device (`cpu:0`, `cuda:1`) on the host's loopback."""
+        ...
+
+    def lenders(self) -> list[Doc]:
+        """The host's RPC lenders (`rbee-hive rpc list`)."""
+        ...
+
+    def stop_lender(self, lender_id: str) -> Doc:
+        """Stop one RPC lender."""
+        ...
+
     def lines(self, args: Sequence[str], on_line: Callable[[str], None]) -> int:
         """A command whose output is lines (`--help`, `logs --follow`), passed on one by one;
         raises the error it reported, else returns its exit code."""
@@ -141,12 +154,26 @@ class CommandHive:
                 args += [flag, str(value)]
         if req.tensor_split:
             args += ["--tensor-split", ",".join(f"{p:g}" for p in req.tensor_split)]
+        if req.rpc:
+            args += ["--rpc", ",".join(req.rpc)]
         if not req.wait:
             args.append("--no-wait")
         return self._call(args, on_event=on_event, secrets={"token": token})
 
     def stop(self, worker_id: str, timeout: float | None = None) -> Doc:
         return self._call(["worker", "stop", worker_id], timeout=timeout)
+
+    def lend(self, device: str, *, cache_dir: str | None = None) -> Doc:
+        args = ["rpc", "start", "--device", device]
+        if cache_dir:
+            args += ["--cache-dir", cache_dir]
+        return self._call(args)
+
+    def lenders(self) -> list[Doc]:
+        return list(self._call(["rpc", "list"]).get("lenders", []))
+
+    def stop_lender(self, lender_id: str) -> Doc:
+        return self._call(["rpc", "stop", lender_id])
 
     def stop_all(self, timeout: float | None = None) -> Doc:
         return self._call(["worker", "stop", "--all"], timeout=timeout)
@@ -290,6 +317,8 @@ class RoutedHive:
                                                 on_event=on_event))
 
     def spawn(self, req: SpawnRequest, token: str, on_event: Reporter | None = None) -> Doc:
+        if req.rpc:  # a worker that borrows devices: the pool daemon does not start those
+            return self.command_hive.spawn(req, token, on_event=on_event)
         return self._route(lambda h: h.spawn(req, token, on_event=on_event))
 
     def stop(self, worker_id: str, timeout: float | None = None) -> Doc:
@@ -314,6 +343,17 @@ class RoutedHive:
 
     def lines(self, args: Sequence[str], on_line: Callable[[str], None]) -> int:
         return self.command_hive.lines(args, on_line)
+
+    # lenders are started and stopped over the command transport: the pool daemon does not
+    # manage them (their tunnels ride on this controller's SSH connection anyway)
+    def lend(self, device: str, *, cache_dir: str | None = None) -> Doc:
+        return self.command_hive.lend(device, cache_dir=cache_dir)
+
+    def lenders(self) -> list[Doc]:
+        return self.command_hive.lenders()
+
+    def stop_lender(self, lender_id: str) -> Doc:
+        return self.command_hive.stop_lender(lender_id)
 
     def close(self) -> None:
         self.command_hive.close()

@@ -18,7 +18,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # the cold path's modules load only when it runs
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import HostConfig
     from rbee_keeper.placement import ModelNeed, Placement
+    from rbee_keeper.provision import SplitRun
 
 SCHEMA = "rbee.infer/v1"
 WARM_REASON = "known worker answered /health"
@@ -65,6 +66,7 @@ class InferRequest:
     stop: tuple[str, ...] = ()
     busy_wait: float = 30.0
     status_timeout: float = 20.0
+    split: tuple[str, ...] = ()  # one model across these hosts (llama.cpp RPC), first runs it
 
     def body(self, job_id: str) -> dict[str, Any]:
         return {"job_id": job_id, "prompt": self.prompt, "max_tokens": self.max_tokens,
@@ -140,6 +142,7 @@ class Context:
     session: Session
     report: Reporter = null_reporter
     timings: dict[str, float] = field(default_factory=dict)
+    split_run: SplitRun | None = None  # a split worker and its lenders, ended with the job
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -153,10 +156,12 @@ class Context:
 def check_hosts(req: InferRequest) -> set[str]:
     """The host names the job may use (all of hosts.toml, or its --host ones)."""
     names = host_names()
-    unknown = set(req.hosts) - names
+    unknown = (set(req.hosts) | set(req.split)) - names
     if unknown:
         raise UnknownHost(f"no host {sorted(unknown)[0]!r} in hosts.toml "
                           f"(known: {', '.join(sorted(names))})")
+    if req.split:
+        return set(req.split)
     return set(req.hosts) or names
 
 
@@ -188,7 +193,8 @@ def choose(req: InferRequest, ctx: Context) -> Choice:
         o.name: o.value if o.ok and o.value is not None else o.error or RbeeError("no status")
         for o in outcomes}
     need = _need(spec, states, ctx)
-    placement = place(states, need, Constraints(req.backend, req.device, req.ctx))
+    placement = place(states, need, Constraints(req.backend, req.device, req.ctx,
+                                                split=req.split or None))
     chosen = placement.chosen
     ctx.report({"event": "log", "message": f"rbee: {spec.id} → {chosen.label} ({chosen.why()})"})
     return Choice(model=spec.id, placement=placement, spec=spec)
@@ -210,6 +216,15 @@ def provision(choice: Choice, req: InferRequest, ctx: Context) -> cache.KnownWor
     if not chosen.has_model:
         with ctx.timed("download_ms"):
             prov.ensure_model(hive, str(spec.source), spec.id, spec.sha256, ctx.report)
+    if chosen.split is not None:  # across hosts: lenders, tunnels, then the worker
+        ctx.split_run = prov.SplitRun(hive)
+        hives = {h: ctx.session.hive(ctx.hosts[h]) for h in chosen.split.hosts}
+        with ctx.timed("spawn_ms"):
+            return ctx.split_run.start(
+                chosen.split, hives, SpawnRequest(chosen.backend, spec.id, chosen.devices,
+                                                  ctx=placement.ctx,
+                                                  tensor_split=chosen.tensor_split),
+                req.model, ctx.report)
     with ctx.timed("spawn_ms"):
         split = chosen.tensor_split if len(chosen.devices) > 1 else None
         return prov.start_worker(hive, SpawnRequest(chosen.backend, spec.id, chosen.devices,
@@ -247,7 +262,7 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
     job_id = job_id or new_job_id()
     cancel_ = cancel_ or Cancel()
     names = check_hosts(req)
-    idle, busy = warm_workers(req, names)
+    idle, busy = warm_workers(req, names) if not req.split else ([], [])
     for known in idle:  # warm: no SSH at all
         cancel_.check(job_id)
         try:
@@ -264,8 +279,10 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
     from rbee_keeper.hive import Session
     from rbee_keeper.hosts import select
 
-    with Session(accept_new_host_key) as session:
+    with ExitStack() as held:
+        session = held.enter_context(Session(accept_new_host_key))
         ctx = Context(select(sorted(names)), session, report)
+        held.callback(lambda: ctx.split_run and ctx.split_run.close())
         cancel_.check(job_id)
         try:
             choice = choose(req, ctx)
@@ -277,11 +294,18 @@ def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = nu
             worker = busy[0]  # nowhere to start another worker: wait for the busy one
             choice = Choice(worker.model, worker=worker)
             report({"event": "log", "message": f"rbee: waiting for busy worker {worker.id}"})
-    try:
-        stream = dispatch(worker, req, job_id, on_text, cancel_, wait=req.busy_wait)
-    except WorkerCrashed as e:
-        cache.forget(worker.id, worker.host)
-        raise crashed(e, worker) from None
+        if ctx.split_run is None:
+            held.close()  # done with SSH; a split job keeps it for its tunnels
+        try:
+            stream = dispatch(worker, req, job_id, on_text, cancel_, wait=req.busy_wait)
+        except WorkerCrashed as e:
+            cache.forget(worker.id, worker.host)
+            if ctx.split_run is not None:
+                lost = ctx.split_run.lost_lenders()
+                if lost:
+                    e.message += f"; lender lost: {', '.join(lost)}"
+                    e.details["lenders_lost"] = lost
+            raise crashed(e, worker) from None
     return document(choice, stream, worker, ctx.timings, t0, job_id)
 
 
@@ -328,7 +352,7 @@ def placement_doc(choice: Choice, worker: cache.KnownWorker) -> dict[str, Any]:
     return {"path": choice.path,
             "chosen": {"host": worker.host, "backend": worker.backend, "device": worker.device,
                        "devices": list(worker.devices or (worker.device,)), "tensor_split": [],
-                       "reason": WARM_REASON, "worker": worker.id},
+                       "reason": WARM_REASON, "worker": worker.id, "split": None},
             "ctx": worker.ctx, "estimate": None, "rejected": []}
 
 
@@ -395,6 +419,7 @@ def run_via_queen(req: InferRequest, on_text: Callable[[str], None],
     chosen = {k: placed.get(k) for k in ("host", "backend", "device", "reason", "worker")}
     chosen["devices"] = placed.get("devices") or [placed.get("device")]
     chosen["tensor_split"] = placed.get("tensor_split") or []
+    chosen["split"] = placed.get("split")
     chosen["worker"] = chosen["worker"] or job.get("worker")
     timings = dict(job.get("timings") or {})
     return {

@@ -96,7 +96,8 @@ def plan_eviction(statuses: Mapping[str, dict[str, Any] | RbeeError], need: Mode
             victims = tuple(workers[:k])
             try:
                 p = place({host: _credit(status, victims)}, need,
-                          Constraints(backend=c.backend or backend, device=c.device, ctx=c.ctx))
+                          Constraints(backend=c.backend or backend, device=c.device, ctx=c.ctx,
+                                      auto_split=False))
             except (InsufficientMemory, NoPlacement):
                 continue
             if p.chosen.backend != backend or not set(p.chosen.devices) & set(devices):

@@ -5,7 +5,8 @@ and — when no single GPU of a host can hold the model — all the GPUs of that
 (llama.cpp's layer split, weights in proportion to each card's available memory).
 Filters: the host answered; the backend is available; the device matches the constraints;
 the model fits by the one fit rule (rbee_common.fit) — unless an idle worker already serves
-it there.
+it there. When no host fits on its own, a split across hosts (rbee_keeper.split: llama.cpp
+RPC) is the candidate; `--split A,B` asks for one.
 Score, best first: an idle worker already serving the model; a GPU over the CPU; the model
 file already on the host; the most available memory.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rbee_common.errors import InsufficientRam, InsufficientVram, ModelNotFound, RbeeError
 from rbee_common.estimate import Estimate, estimate, human_bytes
@@ -22,6 +23,9 @@ from rbee_common.fit import Fit, Room, default_ctx, fit, room_of, worker_devices
 from rbee_common.models import ModelSpec
 from rbee_common.names import GPU_BACKENDS, WorkerState
 from rbee_keeper.errors import NoPlacement
+
+if TYPE_CHECKING:
+    from rbee_keeper.split import Split
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class Constraints:
     backend: str | None = None
     device: int | tuple[int, ...] | None = None  # one device, or several to split across
     ctx: int | None = None
+    split: tuple[str, ...] | None = None  # exactly these hosts, the first runs the worker
+    auto_split: bool = True  # when no host fits alone, consider a split across hosts
 
     def devices(self) -> tuple[int, ...] | None:
         if self.device is None:
@@ -108,6 +114,7 @@ class Candidate:
     has_model: bool
     worker: dict[str, Any] | None  # an idle worker that already serves the model
     tensor_split: tuple[float, ...] = ()  # proportions when split across several devices
+    split: Split | None = None  # across hosts: lenders' devices reached over RPC
 
     @property
     def device(self) -> int:
@@ -126,6 +133,8 @@ class Candidate:
                 self.available or 0)
 
     def why(self) -> str:
+        if self.split is not None:
+            return self.split.why()
         if self.worker is not None:
             return f"idle worker {self.worker['id']} already serves the model"
         parts = ["GPU" if self.backend in GPU_BACKENDS else "CPU"]
@@ -172,7 +181,8 @@ class Placement:
         return {
             "chosen": {"host": c.host, "backend": c.backend, "device": c.device,
                        "devices": list(c.devices), "tensor_split": list(c.tensor_split),
-                       "reason": c.why(), "worker": c.worker["id"] if c.worker else None},
+                       "reason": c.why(), "worker": c.worker["id"] if c.worker else None,
+                       "split": c.split.to_dict() if c.split else None},
             "ctx": self.ctx,
             "estimate": self.estimate.to_dict() if self.estimate else None,
             "rejected": [r.to_dict() for r in self.rejected],
@@ -269,7 +279,12 @@ def place(statuses: dict[str, dict[str, Any] | RbeeError], need: ModelNeed,
             rejected.append(Rejection(name, None, None,
                                       f"unreachable ({status.code}): {status.message}"))
             continue
-        survivors += _host_candidates(name, status, need, c, est, rejected)
+        if not c.split:
+            survivors += _host_candidates(name, status, need, c, est, rejected)
+    if c.split or (not survivors and c.auto_split and c.device is None):
+        split = _split_candidate_across_hosts(statuses, need, c, est, rejected)
+        if split is not None:
+            return Placement(split, ctx, est, rejected)
     if not survivors:
         raise _nothing_fits(need, rejected)
     ranked = sorted(survivors, key=Candidate.score, reverse=True)
@@ -279,6 +294,25 @@ def place(statuses: dict[str, dict[str, Any] | RbeeError], need: ModelNeed,
                                   f"ranked lower ({other.why()})",
                                   devices=other.devices if len(other.devices) > 1 else None))
     return Placement(chosen, ctx, est, rejected)
+
+
+def _split_candidate_across_hosts(statuses: dict[str, dict[str, Any] | RbeeError],
+                                  need: ModelNeed, c: Constraints, est: Estimate | None,
+                                  rejected: list[Rejection]) -> Candidate | None:
+    from rbee_keeper.split import plan_split
+
+    if est is None:
+        if c.split:
+            rejected.append(Rejection(c.split[0], None, None, "split: the model's size is "
+                                      "unknown (no host has it and its header was not read)"))
+        return None
+    split = plan_split(statuses, need, c, est, c.split, rejected)
+    if split is None:
+        return None
+    local = split.local
+    return Candidate(split.primary, local[0].backend, tuple(s.index for s in local),
+                     sum(s.available or 0 for s in local), split.available, split.has_model,
+                     None, split.tensor_split, split)
 
 
 def _nothing_fits(need: ModelNeed, rejected: list[Rejection]) -> RbeeError:

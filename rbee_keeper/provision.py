@@ -66,3 +66,71 @@ def start_worker(hive: HiveClient, req: SpawnRequest, ref: str = "",
 def adopt_worker(hive: HiveClient, record: dict[str, Any], ref: str = "") -> cache.KnownWorker:
     """Use a worker the host already runs (an idle one placement chose): fetch its token."""
     return remember(hive.host, record, hive.token(record["id"]), ref)
+
+
+class SplitRun:
+    """A worker that borrows other hosts' devices, its lenders and their tunnels: what one
+    split job holds, given back together (the tunnels live in this controller, so the worker
+    cannot outlive them)."""
+
+    def __init__(self, primary: HiveClient) -> None:
+        from rbee_keeper.tunnel import Tunnels
+
+        self.primary = primary
+        self.worker: cache.KnownWorker | None = None
+        self.lenders: list[tuple[HiveClient, dict[str, Any]]] = []  # (its host, its record)
+        self.endpoints: dict[str, tuple[str, dict[str, Any]]] = {}  # tunnel end → lender
+        self.tunnels = Tunnels()
+
+    def start(self, split: Any, hives: dict[str, HiveClient], req: SpawnRequest,
+              ref: str = "", report: Reporter = null_reporter,
+              cache_dir: str | None = None) -> cache.KnownWorker:
+        """Start a lender per borrowed device, tunnel each to the primary host, then the
+        worker there with the tunnels as its RPC endpoints. On failure, undo what started."""
+        from rbee_keeper.tunnel import side_of
+
+        try:
+            near = side_of(self.primary)
+            ends = []
+            for share in split.lenders:
+                hive = hives[share.host]
+                report({"event": "log", "message": f"rbee: lending {share.label} "
+                        f"({share.fraction:.0%} of the model) to {self.primary.host.name}"})
+                record = hive.lend(f"{share.backend}:{share.index}", cache_dir=cache_dir)
+                self.lenders.append((hive, record))
+                port = self.tunnels.forward(near, side_of(hive), int(record["port"]))
+                end = f"127.0.0.1:{port}"
+                self.endpoints[end] = (share.host, record)
+                ends.append(end)
+            record, token = spawn_worker(self.primary, replace(req, rpc=tuple(ends)), report)
+            self.worker = known_worker(self.primary.host, record, token, ref)
+            return self.worker
+        except BaseException:
+            self.close()
+            raise
+
+    def lost_lenders(self) -> list[str]:
+        """The lenders that are no longer serving, as `HOST LENDER-ID (DEVICE)`."""
+        gone = []
+        for hive, record in self.lenders:
+            try:
+                states = {lender["id"]: lender.get("state") for lender in hive.lenders()}
+            except Exception:  # its host cannot be asked: count it as lost
+                states = {}
+            if states.get(record["id"]) != "ready":
+                gone.append(f"{hive.host.name} {record['id']} ({record.get('device')})")
+        return gone
+
+    def close(self) -> None:
+        """Stop the worker first (it aborts when a lender goes), then the lenders, then the
+        tunnels; a step that fails does not stop the others."""
+        import contextlib
+
+        if self.worker is not None:
+            with contextlib.suppress(Exception):
+                self.primary.stop(self.worker.id, timeout=30)
+        for hive, record in self.lenders:
+            with contextlib.suppress(Exception):
+                hive.stop_lender(record["id"])
+        self.lenders = []
+        self.tunnels.close()

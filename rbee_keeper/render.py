@@ -141,7 +141,16 @@ def infer_summary(doc: Doc) -> str:
     return (f"[dim]{doc['tokens']} tokens · {rate}first token {t['ttft_ms']:.0f} ms · "
             f"{safe(doc['host'])} {safe(w['backend'])}:{safe(w['device'])} {safe(w['id'])} "
             f"({safe(doc['placement']['path'])})"
-            f" · {t['total_ms'] / 1000:.2f}s[/]")
+            f" · {t['total_ms'] / 1000:.2f}s[/]" + _split_line(doc))
+
+
+def _split_line(doc: Doc) -> str:
+    split = (doc["placement"].get("chosen") or {}).get("split")
+    if not split:
+        return ""
+    parts = " + ".join(f"{safe(d['host'])} {safe(d['backend'])}:{safe(d['device'])} "
+                       f"{d['fraction']:.0%}" for d in split["devices"])
+    return f"\n[dim]split across {len(split['hosts'])} hosts: {parts}[/]"
 
 
 def render_stopped_all(doc: Doc) -> None:

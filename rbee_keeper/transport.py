@@ -309,6 +309,10 @@ class SshTransport:
             assert last is not None
             raise last
 
+    def paramiko_transport(self) -> Any:
+        """The live paramiko Transport of this host's connection (for port forwarding)."""
+        return self._connect().transport
+
     def _map_error(self, e: Exception, target: str, port: int) -> RbeeError:
         import paramiko
 

@@ -52,7 +52,7 @@ STATUS = {
 }
 ERROR = {".": ["error"], ".error": ["code", "details", "hint", "message"]}
 PLACEMENT = ["chosen", "ctx", "estimate", "path", "rejected"]
-CHOSEN = ["backend", "device", "devices", "host", "reason", "tensor_split", "worker"]
+CHOSEN = ["backend", "device", "devices", "host", "reason", "split", "tensor_split", "worker"]
 HOST_OUTCOME = ["elapsed_ms", "name", "ok"]
 
 

@@ -119,9 +119,11 @@ def test_nothing_fits_names_every_hosts_figures() -> None:
     with pytest.raises(InsufficientRam) as e:
         place(statuses, need(8 * GiB), Constraints())
     rejected = e.value.details["rejected"]
-    assert [r["host"] for r in rejected] == ["a", "b"]
-    assert all("needs 8.2 GiB (8.0 GiB weights" in r["reason"] for r in rejected)
+    assert [r["host"] for r in rejected] == ["a", "b", "a+b"]  # alone, then together
+    assert all("needs 8.2 GiB (8.0 GiB weights" in r["reason"] for r in rejected[:2])
     assert "2.0 GiB available" in rejected[0]["reason"]
+    assert "split: needs 8.2 GiB" in rejected[2]["reason"]
+    assert "5.0 GiB available on 2 hosts together" in rejected[2]["reason"]
 
 
 def test_an_idle_worker_beats_more_free_memory_elsewhere() -> None:
@@ -244,3 +246,83 @@ def test_pinning_two_devices_by_hand_splits_even_when_one_would_do() -> None:
     statuses = {"ws": host(("cuda", 0, 24 * GiB), ("cuda", 1, 24 * GiB))}
     p = place(statuses, need(4 * GiB), Constraints(device=(0, 1)))
     assert p.chosen.devices == (0, 1)
+
+
+# one model across hosts (llama.cpp RPC)
+
+def test_a_model_no_host_holds_alone_is_split_across_the_fewest_hosts() -> None:
+    # 20 GiB of weights: no single host (16, 12, 6 GiB) holds it; 16 + 12 do
+    statuses = {"gaming": host(("cuda", 0, 16 * GiB)), "work": host(("cuda", 0, 12 * GiB)),
+                "old": host(("cpu", 0, 6 * GiB), models=("m",))}
+    p = place(statuses, need(20 * GiB), Constraints())
+    split = p.chosen.split
+    assert split is not None and sorted(split.hosts) == ["gaming", "work"]
+    assert split.primary == "gaming" and p.chosen.host == "gaming"  # most memory of the two
+    assert [(s.host, s.role) for s in split.shares] == [("work", "lender"),
+                                                        ("gaming", "worker")]
+    assert p.chosen.tensor_split == split.tensor_split
+    assert abs(sum(split.tensor_split) - 1) < 1e-3
+    assert split.tensor_split[1] > split.tensor_split[0]  # in proportion to free memory
+    est = p.estimate
+    assert est is not None
+    for s in split.shares:  # the fit rule holds on every device
+        assert s.available is not None and s.share_bytes <= s.available
+    assert sum(s.share_bytes for s in split.shares) >= est.weights_bytes + est.kv_bytes
+    doc = p.to_dict()["chosen"]
+    assert doc["split"]["primary"] == "gaming" and doc["split"]["hosts"] == ["gaming", "work"]
+    assert [d["role"] for d in doc["split"]["devices"]] == ["lender", "worker"]
+    assert "split across 2 hosts" in doc["reason"]
+    # each host's own rejection says why it could not hold the model alone
+    assert {r.host for r in p.rejected if r.memory} >= {"gaming", "work", "old"}
+
+
+def test_a_model_that_fits_one_host_is_never_split() -> None:
+    statuses = {"a": host(("cuda", 0, 24 * GiB)), "b": host(("cuda", 0, 24 * GiB))}
+    p = place(statuses, need(10 * GiB), Constraints())
+    assert p.chosen.split is None and p.to_dict()["chosen"]["split"] is None
+
+
+def test_a_split_prefers_fewer_network_devices_then_a_primary_with_the_model() -> None:
+    # a: two 8 GiB cards; b: one 16 GiB card; c: one 16 GiB card with the model.
+    # 2 hosts are enough either way; b+c puts one device across the network, as do a+b/a+c
+    # with a as lender? no: a lends two devices. So b+c wins, and c (it has the file) runs it.
+    statuses = {"a": host(("cuda", 0, 8 * GiB), ("cuda", 1, 8 * GiB)),
+                "b": host(("cuda", 0, 16 * GiB)), "c": host(("cuda", 0, 16 * GiB), models=("m",))}
+    split = place(statuses, need(20 * GiB), Constraints()).chosen.split
+    assert split is not None
+    assert split.primary == "c" and split.hosts == ["c", "b"]
+    assert len(split.lenders) == 1
+
+
+def test_split_asked_for_uses_exactly_those_hosts_the_first_running_the_worker() -> None:
+    statuses = {"a": host(("cpu", 0, 8 * GiB)), "b": host(("cpu", 0, 8 * GiB)),
+                "c": host(("cpu", 0, 64 * GiB))}
+    p = place(statuses, need(1 * GiB), Constraints(split=("b", "a")))
+    split = p.chosen.split
+    assert split is not None and split.primary == "b" and split.hosts == ["b", "a"]
+    assert p.chosen.host == "b" and p.chosen.backend == "cpu"
+
+
+def test_a_split_that_does_not_fit_names_the_figures() -> None:
+    statuses = {"a": host(("cuda", 0, 8 * GiB)), "b": host(("cuda", 0, 8 * GiB))}
+    with pytest.raises(InsufficientVram) as e:
+        place(statuses, need(30 * GiB), Constraints())
+    assert "split: needs" in e.value.message and "on 2 hosts together" in e.value.message
+    with pytest.raises(InsufficientVram) as forced:
+        place(statuses, need(30 * GiB), Constraints(split=("a", "b")))
+    assert "split: needs" in forced.value.message
+
+
+def test_a_host_without_rpc_is_left_out_of_a_split_with_its_reason() -> None:
+    no_rpc = host(("cuda", 0, 16 * GiB))
+    no_rpc["rpc"] = {"available": False, "reason": "built without GGML_RPC"}
+    statuses = {"a": host(("cuda", 0, 16 * GiB)), "b": no_rpc, "c": host(("cpu", 0, 16 * GiB))}
+    p = place(statuses, need(20 * GiB), Constraints())
+    assert p.chosen.split is not None and "b" not in p.chosen.split.hosts
+    assert any(r.host == "b" and "built without GGML_RPC" in r.reason for r in p.rejected)
+
+
+def test_the_queen_does_not_split_until_it_can_hold_the_tunnels() -> None:
+    statuses = {"a": host(("cuda", 0, 16 * GiB)), "b": host(("cuda", 0, 16 * GiB))}
+    with pytest.raises(InsufficientVram):
+        place(statuses, need(20 * GiB), Constraints(auto_split=False))

@@ -456,13 +456,13 @@ class Queen:
         if need is None:
             return None  # its GGUF header is still being read
         try:
-            placement = place(statuses, need, Constraints())
+            placement = place(statuses, need, Constraints(auto_split=False))
         except (InsufficientMemory, NoPlacement) as e:
             if serving:
                 return None  # its busy (or starting) worker will do
             idle = [lifecycle.Idle(w.id, w.host, w.model, w.backend, w.devices, w.last_used)
                     for w in self.workers.values() if w.state == "idle"]
-            plan = lifecycle.plan_eviction(statuses, need, Constraints(), idle)
+            plan = lifecycle.plan_eviction(statuses, need, Constraints(auto_split=False), idle)
             if plan is not None:
                 self._reserve(job, plan.placement)
                 return Plan(placement=plan.placement, victims=plan.victims,
