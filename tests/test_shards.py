@@ -25,12 +25,6 @@ NAMES = [f"tiny-{no:05d}-of-00003.gguf" for no in (1, 2, 3)]
 
 
 @pytest.fixture(scope="session")
-def split_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The tiny model in three files: tiny-00001-of-00003.gguf …"""
-    return write_split_tiny_model(tmp_path_factory.mktemp("split") / "tiny.gguf", files=3)
-
-
-@pytest.fixture(scope="session")
 def other_split(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Another model (four layers, other weights) in three files."""
     return write_split_tiny_model(tmp_path_factory.mktemp("other") / "tiny.gguf", files=3,
@@ -362,3 +356,21 @@ def test_a_worker_serves_the_split_model_and_says_what_the_whole_model_says(
         if model == "split":
             assert worker["model_path"].endswith("split.shards/split-00001-of-00003.gguf")
     assert texts["split"] == texts["whole"] and len(texts["whole"]) >= 20
+
+
+def test_an_index_written_before_models_had_files_lists_each_model_as_one_file(
+        rbee_env: Env, tiny_model: Path) -> None:
+    import json
+
+    assert run("rbee-hive", "models", "import", str(tiny_model), "--id", "tiny",
+               "--copy").returncode == 0
+    index = rbee_env.rbee_home / "models" / "index.json"
+    doc = json.loads(index.read_text())
+    del doc["models"]["tiny"]["shards"]  # as rbee wrote it before
+    index.write_text(json.dumps(doc))
+    (m,) = listed()
+    assert m["shards"] == [{"path": m["path"], "size": m["size"], "sha256": m["sha256"]}]
+    assert run("rbee-hive", "models", "verify", "tiny").returncode == 0
+    gone = run("rbee-hive", "models", "rm", "tiny", "--format", "json")
+    assert gone.returncode == 0 and gone.json()["freed_bytes"] == m["size"], gone
+    assert not list(index.parent.glob("*.gguf"))
