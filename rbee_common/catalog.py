@@ -14,7 +14,11 @@ from rbee_common.paths import config_dir, repo_root
 
 
 class CatalogEntry(BaseModel):
-    """One `[[models]]` table of catalog.toml."""
+    """One `[[models]]` table of catalog.toml.
+
+    For a model published in several files, `source` names any one of them (it means them
+    all), `sha256` is its first file's and `size` the bytes of all of them.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -5,6 +5,11 @@
              + a fixed overhead (compute buffers, runtime)
 
 Devices are compared with `free - reserve`, so the OS and other programs keep some room.
+
+The weights are `file_size - data_offset`: for a model published in several files (gguf-split)
+both are totals over its files — the store records the bytes of every file and the sum of
+their headers (rbee_common.ggufmeta.read_model_files) — so the weights are every file's
+tensor bytes, and every caller of this formula sees a split model whole.
 """
 
 from __future__ import annotations

@@ -2,12 +2,18 @@
 
 Only the key/value section and the tensor table are read; tensor data is never touched.
 The result is what `models info` prints and what placement's memory estimate needs.
+
+A model in several files (gguf-split) is read file by file: `read_model_files` checks that
+the files are one model, in order (llama.cpp's loader rules: `split.no`, `split.count`,
+`split.tensors.count`, no tensor twice) and sums what they hold, taking the model's facts
+(architecture, layers, context, KV shape) from the first file, the one that carries them.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -41,6 +47,15 @@ class NotAGguf(RbeeError):
                     "in -GGUF.")
 
 
+class ShardMismatch(RbeeError):
+    """The files of a split model are not one model's files, in order, under their names."""
+
+    code = "SHARD_MISMATCH"
+    default_hint = ("A split model is the files gguf-split wrote for it, under the names it "
+                    "gave them (NAME-00001-of-0000N.gguf …): fetch all of them again from one "
+                    "source and revision, and do not rename them.")
+
+
 @dataclass(frozen=True)
 class GgufInfo:
     """What a GGUF header says about a model."""
@@ -59,11 +74,22 @@ class GgufInfo:
     kv_per_token: int | None  # sum over layers of kv_heads * (key_len + value_len), elements
     vocab_size: int | None
     has_chat_template: bool
-    data_offset: int
+    data_offset: int  # bytes before the tensor data (a split model: summed over its files)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Header:
+    """One GGUF file's header: what it says about the model, and where it sits in a split."""
+
+    info: GgufInfo
+    tensor_names: tuple[str, ...]
+    split_no: int | None  # split.no: 0 for the first file of a split model
+    split_count: int | None  # split.count
+    split_tensors: int | None  # split.tensors.count: tensors in all the files together
 
 
 class _Reader:
@@ -122,6 +148,11 @@ class _Reader:
 
 def read_gguf(f: BinaryIO) -> GgufInfo:
     """Parse a GGUF header from a binary stream positioned at its start."""
+    return read_header(f).info
+
+
+def read_header(f: BinaryIO) -> Header:
+    """A GGUF header with its split keys and tensor names, from a stream at its start."""
     r = _Reader(f)
     magic = f.read(4)
     r.pos = len(magic)
@@ -142,8 +173,9 @@ def read_gguf(f: BinaryIO) -> GgufInfo:
         keep = not key.startswith("tokenizer.ggml.") or key.endswith("_id")
         kv[key] = r.value(vtype, keep)
     params = 0
+    names = []
     for _ in range(n_tensors):
-        r.skip_string()
+        names.append(r.string())
         n_dims = r.unpack("<I")
         if n_dims > _MAX_DIMS:
             raise NotAGguf(f"a tensor claims {n_dims} dimensions: the file is corrupt")
@@ -155,7 +187,13 @@ def read_gguf(f: BinaryIO) -> GgufInfo:
         params += count
     align = int(kv.get("general.alignment", 32) or 32)
     data_offset = (r.pos + align - 1) // align * align
-    return _info(version, kv, params, n_tensors, data_offset)
+    return Header(_info(version, kv, params, n_tensors, data_offset), tuple(names),
+                  _int(kv.get("split.no")), _int(kv.get("split.count")),
+                  _int(kv.get("split.tensors.count")))
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _per_layer(value: Any, layers: int | None) -> list[int] | None:
@@ -208,8 +246,75 @@ def _info(version: int, kv: dict[str, Any], params: int, n_tensors: int,
 
 
 def read_gguf_file(path: Path) -> GgufInfo:
+    return read_header_file(path).info
+
+
+def read_header_file(path: Path) -> Header:
     try:
         with open(path, "rb", buffering=1 << 20) as f:
-            return read_gguf(f)
+            return read_header(f)
     except IsADirectoryError as e:
         raise NotAGguf(f"{path} is a directory, not a GGUF file") from e
+
+
+def read_model_files(paths: Sequence[Path], names: Sequence[str] | None = None) -> GgufInfo:
+    """What the files of one model (one file, or a split model's files in order) hold.
+
+    `names` are the files' published names (default: the paths' names), used in messages.
+    SHARD_MISMATCH when the files are not one split model's files in this order, or when a
+    single file is one file of a split model.
+    """
+    names = list(names) if names is not None else [p.name for p in paths]
+    headers = [read_header_file(p) for p in paths]
+    return check_split(headers, names)
+
+
+def check_split(headers: Sequence[Header], names: Sequence[str]) -> GgufInfo:
+    """The model `headers` (one per file, in order) make up; SHARD_MISMATCH if they do not."""
+    n = len(headers)
+    first = headers[0]
+    if n == 1:
+        if (first.split_count or 1) > 1:
+            no = (first.split_no or 0) + 1
+            raise ShardMismatch(
+                f"{names[0]} is file {no} of {first.split_count} of a split model, but its "
+                "name does not say so: llama.cpp finds the other files by name",
+                file=names[0], split_no=no, split_count=first.split_count,
+                hint="Keep the names gguf-split gave the files (NAME-00001-of-"
+                     f"{first.split_count:05d}.gguf …) and name the model by its first file.")
+        return first.info
+    seen: dict[str, str] = {}
+    for i, (h, name) in enumerate(zip(headers, names, strict=True)):
+        if h.split_count is None or h.split_no is None:
+            raise ShardMismatch(f"{name} is named as file {i + 1} of {n}, but it is a whole "
+                                "model, not one file of a split model", file=name)
+        if h.split_count != n:
+            raise ShardMismatch(f"{name} is named as file {i + 1} of {n}, but its header says "
+                                f"the model is in {h.split_count} files", file=name,
+                                expected_count=n, actual_count=h.split_count)
+        if h.split_no != i:
+            raise ShardMismatch(f"{name} is named as file {i + 1} of {n}, but its header says "
+                                f"it is file {h.split_no + 1}", file=name,
+                                expected_no=i + 1, actual_no=h.split_no + 1)
+        if h.split_tensors != first.split_tensors:
+            raise ShardMismatch(
+                f"{name} belongs to another model: its header counts {h.split_tensors} "
+                f"tensors in the whole model, {names[0]} counts {first.split_tensors}",
+                file=name)
+        for tensor in h.tensor_names:
+            if tensor in seen:
+                raise ShardMismatch(f"{name} belongs to another model: tensor {tensor!r} is "
+                                    f"also in {seen[tensor]}", file=name, tensor=tensor)
+            seen[tensor] = name
+    if first.split_tensors != len(seen):
+        raise ShardMismatch(f"the {n} files hold {len(seen)} tensors, but the model has "
+                            f"{first.split_tensors}: a file of another model is among them",
+                            expected_tensors=first.split_tensors, actual_tensors=len(seen))
+    if first.info.architecture is None:
+        raise ShardMismatch(f"{names[0]} does not describe the model (no "
+                            "general.architecture): it is not the first file of a split model",
+                            file=names[0])
+    return replace(first.info,
+                   parameters=sum(h.info.parameters for h in headers),
+                   tensor_count=len(seen),
+                   data_offset=sum(h.info.data_offset for h in headers))

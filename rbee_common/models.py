@@ -2,6 +2,11 @@
 
 A reference is parsed by pattern, never by a shell: anything that is not one of the four
 forms is INVALID_MODEL_REF before any file is touched or any command runs.
+
+A model published in several files (llama.cpp's gguf-split names them
+`NAME-00001-of-00003.gguf` …) is named by any one of them and means all of them: the
+reference is kept as its first file's, which is the file llama.cpp loads (it finds the rest
+by name), and `shards()` lists every file's source.
 """
 
 from __future__ import annotations
@@ -9,11 +14,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from rbee_common.errors import InvalidModelRef, UsageError
+from rbee_common.errors import InvalidModelRef, ModelNotFound, UsageError
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}"
@@ -24,6 +29,37 @@ HF_RE = re.compile(
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ID_RULE = "1 to 64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# llama.cpp's llama_split_path: "%s-%05d-of-%05d.gguf", numbered from 1
+SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>[0-9]{5})-of-(?P<count>[0-9]{5})\.gguf$")
+
+
+class ShardMissing(ModelNotFound):
+    """A file of a model published in several files is not where the others are."""
+
+    code = "SHARD_MISSING"
+    default_hint = ("A split model needs every file gguf-split wrote (NAME-00001-of-0000N.gguf "
+                    "…), side by side under those names: fetch the missing one, or all again.")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Where a file named by gguf-split's pattern sits in its model: file `no` of `count`."""
+
+    prefix: str
+    no: int  # 1-based, as in the name
+    count: int
+
+    def name(self, no: int) -> str:
+        """The file name of file `no` (1-based) of the same model."""
+        return f"{self.prefix}-{no:05d}-of-{self.count:05d}.gguf"
+
+
+def split_of(filename: str) -> Split | None:
+    """The split a file name announces (None for a name without the pattern)."""
+    m = SPLIT_RE.match(filename)
+    if m is None:
+        return None
+    return Split(m["prefix"], int(m["no"]), int(m["count"]))
 
 
 @dataclass(frozen=True)
@@ -41,6 +77,11 @@ class HfSource:
     def filename(self) -> str:
         return self.path.rsplit("/", 1)[-1]
 
+    def sibling(self, name: str) -> HfSource:
+        """The file `name` in the same folder of the same repository and revision."""
+        head = self.path.rpartition("/")[0]
+        return replace(self, path=f"{head}/{name}" if head else name)
+
 
 @dataclass(frozen=True)
 class UrlSource:
@@ -54,6 +95,12 @@ class UrlSource:
     def filename(self) -> str:
         return unquote(urlsplit(self.url).path.rsplit("/", 1)[-1])
 
+    def sibling(self, name: str) -> UrlSource:
+        """The file `name` beside this one on the same server (same query string)."""
+        parts = urlsplit(self.url)
+        head = parts.path.rpartition("/")[0]
+        return replace(self, url=urlunsplit(parts._replace(path=f"{head}/{quote(name)}")))
+
 
 @dataclass(frozen=True)
 class FileSource:
@@ -66,6 +113,10 @@ class FileSource:
     @property
     def filename(self) -> str:
         return os.path.basename(self.path)
+
+    def sibling(self, name: str) -> FileSource:
+        """The file `name` in the same directory."""
+        return replace(self, path=os.path.join(os.path.dirname(self.path), name))
 
 
 Source = HfSource | UrlSource | FileSource
@@ -81,7 +132,35 @@ def _is_loopback(host: str) -> bool:
 
 
 def parse_source(ref: str) -> Source:
-    """Parse an hf:, file: or https: reference; raise INVALID_MODEL_REF for anything else."""
+    """Parse an hf:, file: or https: reference; raise INVALID_MODEL_REF for anything else.
+
+    A reference to any file of a model in several files (gguf-split's names) comes back as
+    the reference to its first file.
+    """
+    return _first_file(_parse(ref), ref)
+
+
+def _first_file(source: Source, ref: str) -> Source:
+    split = split_of(source.filename)
+    if split is None:
+        return source
+    if not 1 <= split.no <= split.count:
+        raise InvalidModelRef(
+            f"{ref!r} names file {split.no} of {split.count}: there is no such file",
+            hint=f"Name the model by its first file, {split.name(1)}.")
+    return source.sibling(split.name(1)) if split.no != 1 else source
+
+
+def shards(source: Source) -> list[Source]:
+    """Every file of the model `source` names, first to last (one for a single file)."""
+    split = split_of(source.filename)
+    if split is None or split.count == 1:
+        return [source]
+    return [source if no == split.no else source.sibling(split.name(no))
+            for no in range(1, split.count + 1)]
+
+
+def _parse(ref: str) -> Source:
     if _CONTROL.search(ref):
         raise InvalidModelRef(f"model reference {ref!r} contains control characters")
     if ref.startswith("hf:"):
@@ -133,7 +212,8 @@ def check_id(model_id: str) -> str:
 
 def derive_id(source: Source) -> str:
     """A registry id for a source that is not in the catalog: its file name, made safe."""
-    stem = source.filename
+    split = split_of(source.filename)
+    stem = split.prefix if split is not None else source.filename
     if stem.lower().endswith(".gguf"):
         stem = stem[: -len(".gguf")]
     slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._") or "model"

@@ -31,14 +31,15 @@ def detect() -> Doc:
 def catalog() -> Doc:
     """`models catalog`: every catalog entry, and whether its file is on this host."""
     from rbee_common.catalog import load_catalog
-    from rbee_hive.store import ModelStore
+    from rbee_hive.store import ModelStore, missing_files
 
     store = ModelStore()
     models = []
     for entry in load_catalog().values():
         record = store.get(entry.id)
         models.append({**entry.model_dump(), "downloaded": bool(
-            record and record["source"] == entry.source and Path(record["path"]).is_file())})
+            record and record["source"] == str(entry.parsed_source())
+            and not missing_files(record))})
     return {"schema": schemas.CATALOG, "models": models}
 
 
@@ -56,18 +57,20 @@ def model_info(ref: str, ctx: int | None = None) -> Doc:
     estimate show before it is imported.
     """
     from rbee_common.fit import default_ctx
-    from rbee_common.ggufmeta import read_gguf_file
+    from rbee_common.ggufmeta import read_model_files
     from rbee_hive.spawn import model_estimate
-    from rbee_hive.store import ModelStore, model_record
+    from rbee_hive.store import ModelStore, model_files, model_record
 
     spec, record = ModelStore().resolve(ref)
     doc: Doc = {"schema": schemas.MODEL, "id": spec.id, "name": spec.name,
                 "source": str(spec.source), "downloaded": record is not None,
                 "size": spec.size, "sha256": spec.sha256}
     if record is None and spec.source.kind == "file" and Path(spec.source.path).is_file():
-        path = Path(spec.source.path)
-        record = model_record(spec.id, spec.name, str(spec.source), path, "", read_gguf_file(path))
-        record.pop("sha256")
+        files = model_files(Path(spec.source.path))  # every file of a split model
+        record = model_record(spec.id, spec.name, str(spec.source), [(p, "") for p in files],
+                              read_model_files(files))
+        record.pop("sha256")  # not hashed: a header read only
+        record["shards"] = [{**f, "sha256": None} for f in record["shards"]]
     if record is not None:
         doc.update({k: v for k, v in record.items() if k != "added_at"})
         ctx = ctx or default_ctx(record["gguf"].get("context_length"))

@@ -65,7 +65,9 @@ def models_table(models: list[Doc]) -> Any:
     t = table("ID", "SIZE", "QUANT", "PARAMS", "CTX", "SOURCE")
     for m in models:
         g = m.get("gguf", m)
-        t.add_row(cell(m["id"]), cell(human_bytes(m.get("size"))), cell(g.get("file_type")),
+        files = len(m.get("shards") or ())
+        size = human_bytes(m.get("size")) + (f" in {files} files" if files > 1 else "")
+        t.add_row(cell(m["id"]), cell(size), cell(g.get("file_type")),
                   cell(human_params(g.get("parameters"))), cell(g.get("context_length")),
                   cell(m.get("source", "")))
     return t
@@ -132,6 +134,10 @@ def render_model(doc: Doc) -> None:
         lines.append(f"path: {safe(doc['path'])}")
     if doc.get("size"):
         lines.append(f"size: {human_bytes(doc['size'])} ({doc['size']} bytes)")
+    shards = doc.get("shards") or []
+    if len(shards) > 1:
+        lines.append(f"files: {len(shards)}, loaded from the first (llama.cpp finds the "
+                     "others by name)")
     if doc.get("sha256"):
         lines.append(f"sha256: {safe(doc['sha256'])}")
     if g:

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import BIN, run
 from tests.hubserver import HubServer
 from tests.sshd import Sshd, SshLab, keygen
-from tests.tinymodel import write_tiny_model
+from tests.tinymodel import write_split_tiny_model, write_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bytes(tiny_model: Path) -> bytes:
     return tiny_model.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def split_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The tiny model (the same weights) in three files, as llama.cpp's gguf-split writes
+    them: tiny-00001-of-00003.gguf …"""
+    return write_split_tiny_model(tmp_path_factory.mktemp("split") / "tiny.gguf", files=3)
 
 
 @dataclass

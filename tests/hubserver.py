@@ -44,7 +44,8 @@ class HubState:
     files: dict[str, Served] = field(default_factory=dict)
     log: list[Request] = field(default_factory=list)
     drop_after: int | None = None  # close the connection after this many body bytes …
-    drops_left: int = 0  # … for this many GET responses
+    drops_left: int = 0  # … for this many GET responses …
+    drop_path: str | None = None  # … of paths ending so (None: any path)
     bytes_per_sec: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -137,7 +138,8 @@ class Handler(BaseHTTPRequestHandler):
         req = self._record(status, 0)
         limit = len(chunk)
         with st.lock:
-            if st.drops_left > 0 and st.drop_after is not None:
+            if st.drops_left > 0 and st.drop_after is not None and (
+                    st.drop_path is None or self.path.split("?", 1)[0].endswith(st.drop_path)):
                 st.drops_left -= 1
                 limit = min(limit, st.drop_after)
         sent = 0
@@ -179,8 +181,10 @@ class HubServer(ThreadingHTTPServer):
     def add_file(self, name: str, body: bytes) -> None:
         self.state.files[name] = Served(body)
 
-    def drop_next(self, after_bytes: int, times: int = 1) -> None:
+    def drop_next(self, after_bytes: int, times: int = 1, path: str | None = None) -> None:
+        """Cut the next `times` GET bodies (of files whose path ends with `path`) short."""
         self.state.drop_after, self.state.drops_left = after_bytes, times
+        self.state.drop_path = path
 
     def gets(self) -> list[Request]:
         return [r for r in self.state.log if r.method == "GET" and r.status in (200, 206)]

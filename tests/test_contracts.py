@@ -35,8 +35,9 @@ GGUF = ["architecture", "block_count", "context_length", "data_offset", "embeddi
         "extra", "file_type", "has_chat_template", "head_count", "head_count_kv",
         "kv_per_token", "name", "parameters", "tensor_count", "version", "vocab_size"]
 ESTIMATE = ["ctx", "kv_bytes", "overhead_bytes", "total_bytes", "weights_bytes"]
-MODEL_RECORD = ["added_at", "gguf", "id", "name", "path", "revision", "sha256", "size",
+MODEL_RECORD = ["added_at", "gguf", "id", "name", "path", "revision", "sha256", "shards", "size",
                 "source"]
+SHARD = ["path", "sha256", "size"]  # one file of a model (a split model has several)
 WORKER_RECORD = ["backend", "created_at", "ctx", "device", "device_bytes", "devices",
                  "estimate_bytes", "host", "id", "log", "message", "model", "model_path", "pid",
                  "port", "ready_s", "schema", "state", "tensor_split", "url"]
@@ -63,7 +64,7 @@ def nest(prefix: str, inner: Shape) -> Shape:
 
 def pinned_hive() -> dict[str, Shape]:
     return {
-        "import": {".": sorted([*MODEL_RECORD, "schema"]), ".gguf": GGUF},
+        "import": {".": sorted([*MODEL_RECORD, "schema"]), ".gguf": GGUF, ".shards[]": SHARD},
         "status": STATUS,
         "detect": {".": ["backends", "devices", "schema"],
                    ".backends[]": STATUS[".backends[]"], ".devices[]": STATUS[".devices[]"]},
@@ -71,10 +72,10 @@ def pinned_hive() -> dict[str, Shape]:
                     ".models[]": ["description", "downloaded", "id", "license", "name",
                                   "sha256", "size", "source", "ttl"]},
         "models list": {".": ["models", "schema"], ".models[]": MODEL_RECORD,
-                        ".models[].gguf": GGUF},
+                        ".models[].gguf": GGUF, ".models[].shards[]": SHARD},
         "info": {".": sorted([*(k for k in MODEL_RECORD if k != "added_at"), "downloaded",
                               "estimate", "schema"]),
-                 ".gguf": GGUF, ".estimate": ESTIMATE},
+                 ".gguf": GGUF, ".estimate": ESTIMATE, ".shards[]": SHARD},
         "verify": {".": ["id", "ok", "schema", "sha256", "size"]},
         "spawn": {".": WORKER_RECORD},
         "worker list": {".": ["schema", "workers"], ".workers[]": WORKER_RECORD},

@@ -107,6 +107,14 @@ def hub_serves(hub: HubServer, tiny_bytes: bytes, path: str) -> None:
     hub.add_repo_file(f"{org}/{repo}", name, tiny_bytes)
 
 
+@given(parsers.re(r'the Hugging Face hub serves the tiny model in 3 files in "(?P<repo>[^"]+)"'
+                  r'(?P<but>, all but the second)?$'))
+def hub_serves_split(hub: HubServer, split_files: list[Path], repo: str, but: str | None) -> None:
+    for no, path in enumerate(split_files, 1):
+        if not (but and no == 2):
+            hub.add_repo_file(repo, path.name, path.read_bytes())
+
+
 @given(parsers.parse("the hub will drop the connection after {n:d} bytes"))
 def drop(hub: HubServer, n: int) -> None:
     hub.drop_next(after_bytes=n)
@@ -280,6 +288,13 @@ def resumed(world: World, hub: HubServer, tiny_bytes: bytes, n: int) -> None:
     doc = world.doc()
     assert doc["resumed_from"] == n and doc["transferred_bytes"] == len(tiny_bytes) - n
     assert hub.gets()[-1].range == f"bytes={n}-"
+
+
+@then(parsers.parse('one model "{model}" is registered, made of {n:d} files'))
+def registered_split(model: str, n: int) -> None:
+    (m,) = run("rbee-hive", "models", "list", "--format", "json").json()["models"]
+    assert m["id"] == model and len(m["shards"]) == n
+    assert m["size"] == sum(s["size"] for s in m["shards"])
 
 
 @then("no model is registered")

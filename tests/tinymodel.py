@@ -1,7 +1,10 @@
 """A llama-architecture GGUF that real llama.cpp loads: written by tests and benchmarks.
 
 `write_tiny_model` writes the tests' tiny model (about 430 KB); `write_model` writes any
-`Shape`, e.g. `REALISTIC` (TinyLlama 1.1B's layers, F16, about 1.9 GB) for bench/gpu.py.
+`Shape`, e.g. `REALISTIC` (TinyLlama 1.1B's layers, F16, about 1.9 GB) for bench/gpu.py;
+`write_split_tiny_model` writes the same tiny model split into several files as llama.cpp's
+gguf-split does (NAME-00001-of-0000N.gguf …, with split.no / split.count /
+split.tensors.count in each file, the model's metadata in the first).
 Weights are random and small, except for a planted next-token table: every token's
 embedding is a one-hot "slot" and the output matrix maps each slot to its successor, so
 generation is predictable whatever the sampling settings:
@@ -73,10 +76,27 @@ def write_tiny_model(path: Path, context_length: int = 32768, seed: int = 0,
                        seed=seed, chat_template=chat_template, quant=quant, name=name)
 
 
+def write_split_tiny_model(path: Path, files: int = 3, *, seed: int = 0,
+                           n_layers: int = TINY.n_layers, quant: str | None = None,
+                           name: str = "rbee-tiny-test") -> list[Path]:
+    """The tiny model (the same weights as `write_tiny_model` with the same arguments) in
+    `files` files named after `path`: tiny.gguf → tiny-00001-of-00003.gguf …"""
+    n_tensors = 3 + 9 * n_layers
+    write_model(path, replace(TINY, n_layers=n_layers), seed=seed, quant=quant, name=name,
+                split_max_tensors=-(-n_tensors // files))
+    paths = [path.with_name(f"{path.stem}-{no:05d}-of-{files:05d}.gguf")
+             for no in range(1, files + 1)]
+    missing = [p for p in paths if not p.is_file()]
+    assert not missing, f"gguf wrote other files than {missing}"
+    return paths
+
+
 def write_model(path: Path, shape: Shape, *, context_length: int = 32768, seed: int = 0,
                 chat_template: str | None = None, quant: str | None = None,
-                name: str = "rbee-tiny-test") -> Path:
-    """Write a model of `shape` with the planted next-token table (see the module doc)."""
+                name: str = "rbee-tiny-test", split_max_tensors: int = 0) -> Path:
+    """Write a model of `shape` with the planted next-token table (see the module doc);
+    `split_max_tensors` splits it into files of at most that many tensors (gguf-split's
+    names and keys), and then `path` only names them."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -107,7 +127,7 @@ def write_model(path: Path, shape: Shape, *, context_length: int = 32768, seed: 
         else:
             w.add_tensor(tensor, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name(name)
     w.add_context_length(context_length)
     w.add_embedding_length(n_embd)

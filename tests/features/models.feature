@@ -2,6 +2,8 @@ Feature: Getting models onto a host
   `rbee-hive models download` fetches a GGUF from Hugging Face (hf:ORG/REPO/FILE.gguf), from
   any https:// address, or by its catalog id. A download that is cut off resumes where it
   stopped; a file is verified before it is registered, and a failure registers nothing.
+  A model published in several files (NAME-00001-of-00003.gguf …) is named by any of them
+  and fetched, verified and registered as one model.
 
   Background:
     Given the Hugging Face hub serves "rbee-test/Tiny-GGUF/tiny.gguf"
@@ -16,6 +18,21 @@ Feature: Getting models onto a host
     And I run `rbee-hive models download hf:rbee-test/Tiny-GGUF/tiny.gguf --format json`
     Then it succeeds
     And it resumed from byte 200000 and transferred only the rest
+
+  Scenario: A model published in several files is fetched whole and runs as one
+    Given the Hugging Face hub serves the tiny model in 3 files in "rbee-test/Split-GGUF"
+    When I run `rbee-hive models download hf:rbee-test/Split-GGUF/tiny-00002-of-00003.gguf --format json`
+    Then it succeeds
+    And one model "tiny" is registered, made of 3 files
+    When I run `rbee infer --model tiny --prompt "Hello" --max-tokens 8 --format json`
+    Then the answer is "pqrstuvw"
+
+  Scenario: A model with one of its files missing is refused
+    Given the Hugging Face hub serves the tiny model in 3 files in "rbee-test/Split-GGUF", all but the second
+    When I run `rbee-hive models download hf:rbee-test/Split-GGUF/tiny-00001-of-00003.gguf`
+    Then it fails with exit code 1 and "SHARD_MISSING"
+    And the hint says "gguf-split"
+    And no model is registered
 
   Scenario: A model that does not exist
     When I run `rbee-hive models download hf:rbee-test/Tiny-GGUF/missing.gguf`
