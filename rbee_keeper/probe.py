@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rbee_common.ggufmeta import NotAGguf, read_gguf
-from rbee_common.models import HfSource, Source, UrlSource
+from rbee_common.models import HfSource, Source, UrlSource, shards
 
 HEADER_BYTES = 16 * 1024 * 1024  # more than any GGUF header, tokenizer included
 
@@ -44,9 +44,29 @@ def _url(source: Source) -> tuple[str, dict[str, str]]:
 
 
 def probe(source: Source, timeout: float = 10.0) -> dict[str, Any] | None:
-    """size, data_offset, kv_per_token, context_length of a remote GGUF; None if unreadable."""
+    """size, data_offset, kv_per_token, context_length of a remote GGUF; None if unreadable.
+
+    A model in several files (gguf-split) is read file by file, in parallel: its size and
+    data offset are the totals (what the estimate needs), its other facts the first file's.
+    """
     if not isinstance(source, HfSource | UrlSource):
         return None
+    files = shards(source)
+    if len(files) == 1:
+        return _probe_one(source, timeout)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        headers = list(pool.map(lambda f: _probe_one(f, timeout), files))
+    if any(h is None for h in headers):
+        return None
+    first = dict(headers[0] or {})
+    first["size"] = sum(h["size"] for h in headers if h)
+    first["data_offset"] = sum(h["data_offset"] for h in headers if h)
+    return first
+
+
+def _probe_one(source: Source, timeout: float) -> dict[str, Any] | None:
     import httpx
 
     url, headers = _url(source)

@@ -374,3 +374,26 @@ def test_an_index_written_before_models_had_files_lists_each_model_as_one_file(
     gone = run("rbee-hive", "models", "rm", "tiny", "--format", "json")
     assert gone.returncode == 0 and gone.json()["freed_bytes"] == m["size"], gone
     assert not list(index.parent.glob("*.gguf"))
+
+
+def test_placement_reads_every_files_header_for_a_model_no_host_has(
+        rbee_env: Env, hub: HubServer, split_files: list[Path]) -> None:
+    from gguf import GGUFReader
+
+    from rbee_common.models import parse_source
+    from rbee_keeper.probe import probe
+
+    serve(hub, split_files)
+    header = probe(parse_source(f"hf:{REPO}/{NAMES[1]}"))
+    assert header is not None
+    assert header["size"] == sum(p.stat().st_size for p in split_files)
+    assert header["data_offset"] == sum(GGUFReader(p).data_offset for p in split_files)
+    weights = sum(p.stat().st_size - GGUFReader(p).data_offset for p in split_files)
+    assert header["size"] - header["data_offset"] == weights  # what the estimate takes
+    assert header["context_length"] == GGUFReader(split_files[0]).fields[
+        "llama.context_length"].contents()
+    gets = hub.gets()
+    assert sorted(g.path.rsplit("/", 1)[1] for g in gets) == NAMES  # one header read each
+    assert all(g.range == "bytes=0-16777215" for g in gets)
+    del hub.state.repos[REPO][NAMES[2]]  # a file gone: no estimate rather than a wrong one
+    assert probe(parse_source(f"hf:{REPO}/{NAMES[0]}")) is None
