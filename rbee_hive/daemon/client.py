@@ -110,10 +110,11 @@ class DaemonHive:
               port: int | None = None, ctx: int | None = None, bind: str | None = None,
               wait: bool = True, timeout: float | None = None, token: str | None = None,
               threads: int | None = None, tensor_split: Sequence[float] | None = None,
-              report: Reporter = null_reporter) -> Doc:
+              rpc: Sequence[str] = (), report: Reporter = null_reporter) -> Doc:
         body = {"backend": backend, "model": model,
                 "device": device if isinstance(device, int) else list(device),
                 "tensor_split": list(tensor_split) if tensor_split else None,
+                "rpc": list(rpc),
                 "port": port, "ctx": ctx,
                 "bind": bind or os.environ.get("RBEE_WORKER_BIND") or None,
                 "threads": threads, "wait": wait,
