@@ -232,17 +232,6 @@ def handshake(endpoint: str, timeout: float | None = None,
                       round((time.perf_counter() - t0) * 1000, 2))
 
 
-def reachable(endpoint: str, timeout: float = 0.5) -> bool:
-    """Does anything accept a TCP connection at the endpoint? (A lender serving a worker still
-    accepts one: this tells a lender that is gone from one that is busy, without waiting.)"""
-    host, port = parse_endpoint(endpoint)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 # -- this build ---------------------------------------------------------------------------
 
 

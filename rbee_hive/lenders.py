@@ -20,6 +20,8 @@ import logging
 import os
 import secrets
 import shlex
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ from typing import Any, ClassVar
 
 from rbee_common.errors import RbeeError, UsageError
 from rbee_common.progress import Reporter, null_reporter
-from rbee_common.rpc import LenderBusy, LenderUnreachable, handshake, reachable
+from rbee_common.rpc import LenderBusy, LenderUnreachable, handshake
 from rbee_hive import schemas
 from rbee_hive.errors import (
     LenderCrashed,
@@ -125,7 +127,10 @@ def _check_device(backend: str, index: int) -> dict[str, Any]:
     inventory = detect()
     reason = backend_reason(inventory, backend)
     if reason is not None:
-        raise BackendUnavailable(f"backend {backend!r} is not available on this host: {reason}")
+        hint = None if "built without" in reason else (
+            "See `rbee-hive detect`; lend a device it lists as available.")
+        raise BackendUnavailable(f"backend {backend!r} is not available on this host: {reason}",
+                                 hint=hint)
     dev = find_device(inventory, backend, index)
     if dev is None:
         have = ", ".join(f"{d['backend']}:{d['index']}" for d in inventory["devices"])
@@ -257,20 +262,26 @@ def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, tim
 # -- what a lender is doing now -----------------------------------------------------------
 
 
-def _established(port: int) -> bool | None:
-    """Does a client hold a connection to this local port? None where /proc cannot say."""
-    found = False
+def _port_states(port: int) -> tuple[bool, bool] | None:
+    """(something listens on this local port, a client holds a connection to it), read off
+    the kernel's socket tables; None where there is no /proc (macOS)."""
+    listening = connected = False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f, None)
                 for line in f:
                     cols = line.split()
-                    if cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                        found = True
+                    if int(cols[1].rsplit(":", 1)[1], 16) == port:
+                        listening |= cols[3] == "0A"  # TCP_LISTEN
+                        connected |= cols[3] == "01"  # TCP_ESTABLISHED
+        except FileNotFoundError:
+            if table.endswith("6"):
+                continue  # no IPv6 on this host
+            return None
         except (OSError, IndexError, ValueError):
             return None
-    return found
+    return listening, connected
 
 
 def _rss(pid: int) -> int:
@@ -327,25 +338,40 @@ def _refresh(reg: LenderRegistry, record: dict[str, Any],
             reg.update(lid, pid=pid, state=schemas.DEAD, message=message)
         return {**record, "state": schemas.DEAD, "message": message, "memory_bytes": 0,
                 "log_tail": log_tail(reg.log_path(lid), 10)}
-    state, fields = record["state"], {}
-    if _established(record["port"]):
-        state = schemas.BUSY
-    else:
-        try:
-            info = handshake(record["endpoint"], timeout=PROBE_TIMEOUT_S)
-            state = schemas.READY
-            fields = {"free_bytes": info.free, "total_bytes": info.total,
-                      "protocol": ".".join(map(str, info.version))}
-        except LenderBusy:
-            state = schemas.BUSY
-        except RbeeError as e:
-            if record["state"] != schemas.LOADING:
-                return _with_memory({**record, "state": schemas.ERROR,
-                                     "message": f"not answering: {e.message}"}, inventory)
-    if state != record["state"] or fields:
+    state, fields = _state_now(record)
+    if state == schemas.ERROR:
+        return _with_memory({**record, **fields, "state": state}, inventory)
+    if state != record["state"]:
         with contextlib.suppress(LenderNotFound):
-            reg.update(lid, state=state, **fields)
+            reg.update(lid, state=state)
     return _with_memory({**record, **fields, "state": state}, inventory)
+
+
+def _state_now(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A running lender's state: busy while a client holds its one connection, ready while
+    it listens, and (with fields to show) error when it no longer answers.
+
+    On Linux the kernel's socket tables say so without a connection: a probe would be one
+    more "Accepted client connection" in the lender's log on every `status`."""
+    ports = _port_states(record["port"])
+    if ports is not None:
+        listening, connected = ports
+        if connected:
+            return schemas.BUSY, {}
+        if listening:
+            return schemas.READY, {}
+        if record["state"] == schemas.LOADING:
+            return schemas.LOADING, {}
+        return schemas.ERROR, {"message": f"not listening on port {record['port']} any more"}
+    try:
+        info = handshake(record["endpoint"], timeout=PROBE_TIMEOUT_S)
+    except LenderBusy:
+        return schemas.BUSY, {}
+    except RbeeError as e:
+        if record["state"] == schemas.LOADING:
+            return schemas.LOADING, {}
+        return schemas.ERROR, {"message": f"not answering: {e.message}"}
+    return schemas.READY, {"free_bytes": info.free, "total_bytes": info.total}
 
 
 def list_lenders(inventory: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -430,7 +456,30 @@ def lost_lenders(endpoints: Sequence[str], timeout: float = 1.0) -> list[dict[st
         return [lost for lost in pool.map(check, endpoints) if lost is not None]
 
 
-def unreachable(endpoints: Sequence[str]) -> list[str]:
-    """The endpoints where nothing accepts a connection now (cheap: no handshake, so a
-    lender busy serving its worker counts as there)."""
-    return [e for e in endpoints if not reachable(e)]
+def hung_up(endpoints: Sequence[str]) -> list[str]:
+    """The lenders of a live worker that have hung up on it: the kernel holds the worker's
+    connection to them half-closed (CLOSE_WAIT) and none open. Read off /proc/net/tcp, with
+    no connection of our own: a lender serves one client at a time, so every probe would
+    wait in its queue, and enough of them would fill it. [] where /proc cannot say (and for
+    endpoints named by host name rather than IPv4 address)."""
+    wanted: dict[tuple[str, int], str] = {}
+    for endpoint in endpoints:
+        host, _, port = endpoint.partition(":")
+        with contextlib.suppress(OSError, ValueError):
+            wanted[(str(ipaddress.IPv4Address(host)), int(port))] = endpoint
+    if not wanted:
+        return []
+    seen: dict[str, set[str]] = {e: set() for e in wanted.values()}
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                ip_hex, port_hex = cols[2].split(":")
+                ip = socket.inet_ntoa(struct.pack("<I", int(ip_hex, 16)))
+                endpoint = wanted.get((ip, int(port_hex, 16)))
+                if endpoint is not None:
+                    seen[endpoint].add(cols[3])
+    except (OSError, IndexError, ValueError):
+        return []
+    return [e for e, states in seen.items() if "08" in states and "01" not in states]

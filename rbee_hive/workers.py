@@ -74,7 +74,7 @@ def _refresh(reg: Registry, record: dict[str, Any]) -> dict[str, Any]:
         return {**record, "state": schemas.ERROR, "message": "not answering /health",
                 "log_tail": log_tail(reg.log_path(wid), 10)}
     state = str(health.get("status"))
-    gone = _unreachable_lenders(record)
+    gone = _hung_up_lenders(record)
     if gone:  # llama.cpp would abort the worker on its next job
         return {**record, "state": schemas.ERROR,
                 "message": f"its RPC lender {', '.join(gone)} is gone: the next job would end "
@@ -96,14 +96,13 @@ def _lost_lenders(record: dict[str, Any]) -> list[dict[str, str]]:
     return lost_lenders(record["rpc"])
 
 
-def _unreachable_lenders(record: dict[str, Any]) -> list[str]:
-    """A live worker's RPC lenders where nothing accepts a connection any more (cheap: one
-    connect each; a lender busy serving this worker still accepts one)."""
+def _hung_up_lenders(record: dict[str, Any]) -> list[str]:
+    """A live worker's RPC lenders that have hung up on it (rbee_hive.lenders.hung_up)."""
     if not record.get("rpc"):
         return []
-    from rbee_hive.lenders import unreachable
+    from rbee_hive.lenders import hung_up
 
-    return unreachable(record["rpc"])
+    return hung_up(record["rpc"])
 
 
 def list_workers() -> list[dict[str, Any]]:

@@ -354,6 +354,38 @@ def test_a_lender_lost_mid_stream_ends_the_stream_and_names_the_lender(
     assert "RBEE_ERROR" in Path(rec["log"]).read_text()  # the worker's own last words
 
 
+def test_a_lender_lost_while_idle_is_told_before_the_next_job(
+        tiny_registered: str, lender: dict[str, Any]) -> None:
+    rec = spawn("--rpc", lender["endpoint"])
+    log = Path(lender["log"])
+    accepted = log.read_text().count("Accepted client connection")
+    for _ in range(5):  # watching costs the lender nothing: no connection of ours queues
+        assert hive("status")["workers"][0]["state"] == "ready"
+        assert hive("rpc", "list")["lenders"][0]["state"] == "busy"
+    assert log.read_text().count("Accepted client connection") == accepted
+    os.kill(lender["pid"], signal.SIGKILL)
+    assert wait_gone(lender["pid"])
+    deadline = time.monotonic() + 10
+    while (w := hive("worker", "list")["workers"][0])["state"] != "error":
+        assert time.monotonic() < deadline, w
+        time.sleep(0.1)
+    assert f"RPC lender {lender['endpoint']} is gone" in w["message"]
+
+
+def test_status_with_lenders_stays_light(tiny_registered: str, lender: dict[str, Any]) -> None:
+    import subprocess
+    import sys
+
+    spawn("--rpc", lender["endpoint"])
+    code = ("import sys; from rbee_hive.status import status; doc = status(); "
+            "assert doc['lenders'] and doc['workers']; "
+            "print(sorted(m for m in ('llama_cpp', 'fastapi', 'starlette', 'paramiko', 'httpx',"
+            " 'pydantic', 'gguf', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_worker_stop_all_sweeps_lenders(tiny_registered: str, lender: dict[str, Any]) -> None:
     rec = spawn("--rpc", lender["endpoint"])
     other = start_lender()
