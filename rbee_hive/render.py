@@ -77,8 +77,11 @@ def workers_table(workers: list[Doc]) -> Any:
         state = w["state"]
         style = {WorkerState.ready: "green", WorkerState.busy: "yellow",
                  WorkerState.loading: "cyan"}.get(state, "red")
-        t.add_row(cell(w["id"]), cell(state, style), cell(w["model"]),
-                  cell(f"{w['backend']}:{w['device']}"), cell(w["url"]), cell(w["pid"]))
+        lenders = len(w.get("rpc") or [])
+        device = f"{w['backend']}:{w['device']}" + (
+            f" + {lenders} lender{'s' if lenders > 1 else ''}" if lenders else "")
+        t.add_row(cell(w["id"]), cell(state, style), cell(w["model"]), cell(device),
+                  cell(w["url"]), cell(w["pid"]))
     return t
 
 

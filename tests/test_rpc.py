@@ -369,7 +369,7 @@ def test_a_lender_lost_while_idle_is_told_before_the_next_job(
     while (w := hive("worker", "list")["workers"][0])["state"] != "error":
         assert time.monotonic() < deadline, w
         time.sleep(0.1)
-    assert f"RPC lender {lender['endpoint']} is gone" in w["message"]
+    assert w["id"] == rec["id"] and f"RPC lender {lender['endpoint']} is gone" in w["message"]
 
 
 def test_status_with_lenders_stays_light(tiny_registered: str, lender: dict[str, Any]) -> None:
