@@ -19,6 +19,7 @@ import pytest
 from rbee_common.rpc import handshake, protocol_version, rpc_supported
 from tests.conftest import Env
 from tests.helpers import BIN, error_of, run, sse_events
+from tests.test_pool_daemon import Daemon, start_daemon, stop_daemon
 from tests.tinymodel import write_tiny_model
 
 pytestmark = pytest.mark.skipif(
@@ -395,3 +396,21 @@ def test_worker_stop_all_sweeps_lenders(tiny_registered: str, lender: dict[str, 
     for pid in (rec["pid"], lender["pid"], other["pid"]):
         assert wait_gone(pid)
     assert hive("rpc", "list")["lenders"] == [] and hive("worker", "list")["workers"] == []
+
+
+@pytest.fixture
+def pool_daemon(rbee_env: Env) -> Iterator[Daemon]:
+    d = start_daemon(rbee_env.rbee_home)
+    yield d
+    stop_daemon(rbee_env.rbee_home)
+
+
+def test_a_split_worker_through_the_pool_daemon(tiny_registered: str, lender: dict[str, Any],
+                                                pool_daemon: Daemon) -> None:
+    rec = spawn("--rpc", lender["endpoint"])  # the CLI hands it to the running daemon
+    assert rec["rpc"] == [lender["endpoint"]] and generate(rec).startswith("pqr")
+    assert rec["id"] in pool_daemon.log()
+    state = pool_daemon.get("/v2/state").json()
+    assert [x["id"] for x in state["lenders"]] == [lender["id"]]
+    stopped = hive("worker", "stop", "--all")
+    assert sorted(x["id"] for x in stopped["stopped"]) == sorted([rec["id"], lender["id"]])

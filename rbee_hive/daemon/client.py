@@ -114,12 +114,13 @@ class DaemonHive:
         body = {"backend": backend, "model": model,
                 "device": device if isinstance(device, int) else list(device),
                 "tensor_split": list(tensor_split) if tensor_split else None,
-                "rpc": list(rpc),
                 "port": port, "ctx": ctx,
                 "bind": bind or os.environ.get("RBEE_WORKER_BIND") or None,
                 "threads": threads, "wait": wait,
                 "timeout": timeout if timeout is not None else _env_float("RBEE_LOAD_TIMEOUT"),
                 "token": token}
+        if rpc:  # only when asked: a daemon from before RPC lenders refuses unknown fields
+            body["rpc"] = list(rpc)
         return self.api.with_progress("POST", "/v2/workers/start", body, report)
 
     def stop(self, wid: str, grace: float = 10.0) -> Doc:
