@@ -141,3 +141,31 @@ class Unauthorized(RbeeError):
 
     code = "UNAUTHORIZED"
     default_hint = "Send `Authorization: Bearer <token>` with the server's token."
+
+
+class RpcUnavailable(RbeeError):
+    """This llama-cpp-python build has no RPC backend: it can neither lend nor borrow memory."""
+
+    code = "RPC_UNAVAILABLE"
+    default_hint = ('Rebuild llama-cpp-python with RPC: CMAKE_ARGS="-DGGML_RPC=on" pip install '
+                    "--force-reinstall --no-cache-dir llama-cpp-python (scripts/bootstrap.sh "
+                    "and `rbee hosts install` do).")
+
+
+class LenderUnreachable(RbeeError):
+    """Nothing answers llama.cpp's RPC protocol at a lender's endpoint (details: endpoint)."""
+
+    code = "RPC_LENDER_UNREACHABLE"
+
+
+class LenderBusy(RbeeError):
+    """A lender accepted the connection but did not answer in time: it serves another client
+    (llama.cpp's RPC server serves one at a time)."""
+
+    code = "RPC_LENDER_BUSY"
+
+
+class RpcProtocolMismatch(RbeeError):
+    """A lender speaks another version of llama.cpp's RPC protocol than this build."""
+
+    code = "RPC_PROTOCOL_MISMATCH"

@@ -10,6 +10,7 @@ from rbee_common.clikit import FormatOpt, VersionOpt, root_app
 from rbee_common.output import Format, emit, run_app
 from rbee_hive.cli_daemon import app as daemon_app
 from rbee_hive.cli_models import app as models_app
+from rbee_hive.cli_rpc import app as rpc_app
 from rbee_hive.cli_worker import app as worker_app
 
 app = root_app("rbee-hive",
@@ -17,6 +18,7 @@ app = root_app("rbee-hive",
 app.add_typer(models_app, name="models")
 app.add_typer(worker_app, name="worker")
 app.add_typer(daemon_app, name="daemon")
+app.add_typer(rpc_app, name="rpc")
 git_app = typer.Typer(help="Update the rbee checkout this hive runs from.", no_args_is_help=True)
 app.add_typer(git_app, name="git")
 

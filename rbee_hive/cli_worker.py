@@ -25,8 +25,12 @@ def spawn(
         help="Device index; several GPUs of this host as 0,1 (one worker, layer split).")]
     = "0",
     tensor_split: Annotated[str | None, typer.Option(
-        help="Each device's share with several, e.g. 0.6,0.4 (default: by available memory).")]
+        help="Each device's share with several, e.g. 0.6,0.4, --rpc lenders first (default: "
+             "by available memory).")]
     = None,
+    rpc: Annotated[str | None, typer.Option(
+        help="Borrow memory from RPC lenders, HOST:PORT[,HOST:PORT] as this host reaches them "
+             "(see `rbee-hive rpc start`).")] = None,
     port: Annotated[int | None, typer.Option(
         min=1, max=65535, help="Port (default: a free one in 8001–8999).")]
     = None,
@@ -49,6 +53,7 @@ def spawn(
     Examples:
       rbee-hive worker spawn cpu --model gemma3-270m
       rbee-hive worker spawn cuda --model tinyllama --device 1 --ctx 8192
+      rbee-hive worker spawn cuda --model llama-70b --rpc 127.0.0.1:50052,127.0.0.1:50053
     """
     from rbee_hive.ops import hive
     from rbee_hive.render import render_worker
@@ -61,14 +66,17 @@ def spawn(
         if len(token) < 16:
             raise UsageError("--token-stdin needs a token of at least 16 characters on stdin")
     from rbee_common.clikit import parse_devices, parse_split
+    from rbee_common.rpc import parse_endpoints
 
     devices = parse_devices(device) or (0,)
+    lenders = parse_endpoints(rpc) if rpc else []
     with reporting(fmt) as report:
         record = hive().spawn(backend.value, model,
                               device=devices[0] if len(devices) == 1 else list(devices),
                               port=port, ctx=ctx, bind=bind, wait=not no_wait, timeout=timeout,
                               token=token, threads=threads,
-                              tensor_split=parse_split(tensor_split), report=report)
+                              tensor_split=parse_split(tensor_split), rpc=lenders,
+                              report=report)
     emit(record, fmt, render_worker)
 
 

@@ -141,10 +141,11 @@ def worker_logs(wid: str, lines: int) -> Doc:
 
 
 def stop_all(grace: float = 10.0) -> Doc:
-    """`worker stop --all`: stop every worker of this host."""
+    """`worker stop --all`: stop every worker of this host, then every RPC lender."""
+    from rbee_hive.lenders import stop_all as stop_lenders
     from rbee_hive.workers import stop_all as stop_every
 
-    return {"schema": schemas.STOPPED, "stopped": stop_every(grace)}
+    return {"schema": schemas.STOPPED, "stopped": stop_every(grace) + stop_lenders(grace)}
 
 
 def worker_token(wid: str) -> Doc:
@@ -152,3 +153,42 @@ def worker_token(wid: str) -> Doc:
     from rbee_hive.workers import token
 
     return {"schema": schemas.TOKEN, "id": wid, "token": token(wid)}
+
+
+def rpc_start(device: str, *, port: int | None = None, cache_dir: Path | None = None,
+              bind: str | None = None, insecure: bool = False, threads: int | None = None,
+              wait: bool = True, timeout: float | None = None,
+              report: Reporter = null_reporter) -> Doc:
+    """`rpc start`: a lender on one device, its record once it answers."""
+    from rbee_hive.lenders import start
+
+    return start(device, port=port, cache_dir=cache_dir, bind=bind, insecure=insecure,
+                 threads=threads, wait=wait, timeout=timeout, report=report)
+
+
+def rpc_list() -> Doc:
+    """`rpc list`: the lenders of this host with their state and memory."""
+    from rbee_hive.lenders import list_lenders
+
+    return {"schema": schemas.LENDERS, "lenders": list_lenders()}
+
+
+def rpc_logs(lid: str, lines: int) -> Doc:
+    """`rpc logs` (not following): the last lines of a lender's log."""
+    from rbee_hive.lenders import follow_log
+
+    return {"schema": schemas.LOGS, "id": lid, "lines": list(follow_log(lid, lines, False))}
+
+
+def rpc_stop(lid: str, grace: float = 10.0) -> Doc:
+    """`rpc stop ID`: stop one lender."""
+    from rbee_hive.lenders import stop
+
+    return stop(lid, grace)
+
+
+def rpc_stop_all(grace: float = 10.0) -> Doc:
+    """`rpc stop --all`: stop every lender of this host."""
+    from rbee_hive.lenders import stop_all as stop_lenders
+
+    return {"schema": schemas.STOPPED, "stopped": stop_lenders(grace)}

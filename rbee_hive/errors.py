@@ -11,7 +11,11 @@ from pathlib import Path
 from rbee_common.errors import (  # noqa: F401  (re-exported: raised by rbee-hive)
     InsufficientRam,
     InsufficientVram,
+    LenderBusy,
+    LenderUnreachable,
     RbeeError,
+    RpcProtocolMismatch,
+    RpcUnavailable,
     WorkerCrashed,
     WorkerNotFound,
 )
@@ -108,3 +112,22 @@ class GitFailed(RbeeError):
     """git could not update or describe the checkout."""
 
     code = "GIT_FAILED"
+
+
+class LenderNotFound(WorkerNotFound):
+    """No RPC lender with this id is registered on this host."""
+
+    code = "LENDER_NOT_FOUND"
+    default_hint = "List the lenders with `rbee-hive rpc list`."
+
+
+class LenderCrashed(RbeeError):
+    """The lender process ended (or never answered llama.cpp's RPC protocol)."""
+
+    code = "LENDER_CRASHED"
+
+
+def lender_hint(lid: str) -> str:
+    """What to do about a lender that failed, with its id filled in."""
+    return (f"Read its log with `rbee-hive rpc logs {lid}`, then `rbee-hive rpc stop {lid}` to "
+            "clear the record.")

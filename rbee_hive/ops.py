@@ -54,7 +54,7 @@ class HiveOps(Protocol):
               port: int | None = None, ctx: int | None = None, bind: str | None = None,
               wait: bool = True, timeout: float | None = None, token: str | None = None,
               threads: int | None = None, tensor_split: Sequence[float] | None = None,
-              report: Reporter = null_reporter) -> Doc: ...
+              rpc: Sequence[str] = (), report: Reporter = null_reporter) -> Doc: ...
 
     def stop(self, wid: str, grace: float = 10.0) -> Doc: ...
 
@@ -137,12 +137,12 @@ class InProcess:
               port: int | None = None, ctx: int | None = None, bind: str | None = None,
               wait: bool = True, timeout: float | None = None, token: str | None = None,
               threads: int | None = None, tensor_split: Sequence[float] | None = None,
-              report: Reporter = null_reporter) -> Doc:
+              rpc: Sequence[str] = (), report: Reporter = null_reporter) -> Doc:
         from rbee_hive.spawn import spawn
 
         return spawn(backend, model, device=device, port=port, ctx=ctx, bind=bind, wait=wait,
                      timeout=timeout, token=token, threads=threads, tensor_split=tensor_split,
-                     report=report)
+                     rpc=rpc, report=report)
 
     def stop(self, wid: str, grace: float = 10.0) -> Doc:
         from rbee_hive.workers import stop

@@ -29,6 +29,8 @@ from rbee_hive.process import pid_alive
 log = logging.getLogger("rbee.hive.ports")
 
 PORT_RANGE = (8001, 8999)
+# RPC lenders (rbee_hive.lenders): from llama.cpp's rpc-server default port up
+LENDER_PORT_RANGE = (50052, 50251)
 
 
 def runtime_dir() -> Path:
@@ -97,14 +99,15 @@ def port_free(bind: str, port: int) -> bool:
     return True
 
 
-def pick_port(wanted: int | None, bind: str, taken: set[int]) -> int:
-    """`wanted` if it is free, else the first free port of PORT_RANGE not in `taken`."""
+def pick_port(wanted: int | None, bind: str, taken: set[int],
+              span: tuple[int, int] = PORT_RANGE) -> int:
+    """`wanted` if it is free, else the first free port of `span` not in `taken`."""
     if wanted is not None:
         if wanted in taken or not port_free(bind, wanted):
             raise NoFreePort(f"port {wanted} on {bind} is in use",
                              hint="Leave out --port to let rbee-hive pick a free one.")
         return wanted
-    low, high = PORT_RANGE
+    low, high = span
     for port in range(low, high + 1):
         if port not in taken and port_free(bind, port):
             return port

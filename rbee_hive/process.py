@@ -35,14 +35,15 @@ def pid_alive(pid: int, wid: str) -> bool:
         return False
 
 
-def find_worker(wid: str, workers_dir: Path) -> int | None:
+def find_worker(wid: str, workers_dir: Path, flag: str = "--worker-id") -> int | None:
     """The pid of the running worker `wid` of this state dir, found without its record.
 
     For a worker whose record is damaged or was cut short before its pid was written: the
     process is known by `--worker-id ID` on its command line and its working directory,
-    which rbee-hive sets to the workers dir. None where there is no procfs (macOS).
+    which rbee-hive sets to the workers dir (a lender: `--lender-id ID`, the lenders dir).
+    None where there is no procfs (macOS).
     """
-    needle = b"\0--worker-id\0" + wid.encode() + b"\0"
+    needle = b"\0" + flag.encode() + b"\0" + wid.encode() + b"\0"
     try:
         entries = os.listdir("/proc")
     except OSError:

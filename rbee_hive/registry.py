@@ -18,7 +18,7 @@ import contextlib
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rbee_common.files import atomic_write_json, locked, read_json, set_aside
 from rbee_common.paths import rbee_home
@@ -36,11 +36,12 @@ _FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def record_problem(wid: str, record: Any) -> str | None:
-    """Why a worker record cannot be trusted; None when it can."""
+def record_problem(wid: str, record: Any,
+                   fields: dict[str, tuple[type, ...]] = _FIELDS) -> str | None:
+    """Why a worker (or lender) record cannot be trusted; None when it can."""
     if not isinstance(record, dict):
         return f"is a JSON {type(record).__name__}, not an object"
-    for field, kinds in _FIELDS.items():
+    for field, kinds in fields.items():
         if field not in record:
             return f"has no {field!r}"
         value = record[field]
@@ -48,15 +49,22 @@ def record_problem(wid: str, record: Any) -> str | None:
             return f"has a {field!r} of the wrong type ({type(value).__name__})"
     if record["id"] != wid:
         return f"says it is worker {record['id']!r}"
-    if isinstance(record["device"], list) and not all(
+    if isinstance(record.get("device"), list) and not all(
             isinstance(d, int) and not isinstance(d, bool) for d in record["device"]):
         return "has a 'device' list that is not all integers"
     return None
 
 
 class Registry:
+    """The workers' records ($RBEE_HOME/workers); LenderRegistry keeps lenders' alike."""
+
+    subdir: ClassVar[str] = "workers"
+    what: ClassVar[str] = "worker"
+    fields: ClassVar[dict[str, tuple[type, ...]]] = _FIELDS
+    not_found: ClassVar[type[WorkerNotFound]] = WorkerNotFound
+
     def __init__(self, home: Path | None = None) -> None:
-        self.dir = (home or rbee_home()) / "workers"
+        self.dir = (home or rbee_home()) / self.subdir
         self.lock_path = self.dir / ".lock"
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
@@ -77,15 +85,17 @@ class Registry:
         try:
             record = read_json(path, default=_MISSING)  # unparseable: set aside, warned
         except OSError as e:  # unreadable (permissions, I/O): skip it, do not fail
-            log.warning("cannot read the worker record %s (%s); skipped it", path, e)
+            log.warning("cannot read the %s record %s (%s); skipped it", self.what, path, e)
             return None
         if record is _MISSING:
             return None
-        problem = record_problem(wid, record)
+        problem = record_problem(wid, record, self.fields)
         if problem is not None:
             aside = set_aside(path)
-            log.warning("the worker record %s %s: set it aside as %s; `rbee-hive worker stop "
-                        "%s` ends that worker and removes its files", path, problem, aside, wid)
+            command = "rpc" if self.what == "lender" else "worker"
+            log.warning("the %s record %s %s: set it aside as %s; `rbee-hive %s stop %s` ends "
+                        "that %s and removes its files", self.what, path, problem, aside,
+                        command, wid, self.what)
             return None
         return record
 
@@ -105,7 +115,7 @@ class Registry:
     def get(self, wid: str) -> dict[str, Any]:
         record = self._load(wid) if WORKER_ID_RE.fullmatch(wid) else None
         if record is None:
-            raise WorkerNotFound(f"no worker {wid!r} on this host")
+            raise self.not_found(f"no {self.what} {wid!r} on this host")
         return dict(record)
 
     def remains(self, wid: str) -> list[Path]:

@@ -79,9 +79,34 @@ def workers_table(workers: list[Doc]) -> Any:
         state = w["state"]
         style = {WorkerState.ready: "green", WorkerState.busy: "yellow",
                  WorkerState.loading: "cyan"}.get(state, "red")
-        t.add_row(cell(w["id"]), cell(state, style), cell(w["model"]),
-                  cell(f"{w['backend']}:{w['device']}"), cell(w["url"]), cell(w["pid"]))
+        lenders = len(w.get("rpc") or [])
+        device = f"{w['backend']}:{w['device']}" + (
+            f" + {lenders} lender{'s' if lenders > 1 else ''}" if lenders else "")
+        t.add_row(cell(w["id"]), cell(state, style), cell(w["model"]), cell(device),
+                  cell(w["url"]), cell(w["pid"]))
     return t
+
+
+def lenders_table(lenders: list[Doc]) -> Any:
+    t = table("ID", "STATE", "DEVICE", "ENDPOINT", "HELD", "FREE", "PID")
+    for r in lenders:
+        state = r["state"]
+        style = {WorkerState.ready: "green", WorkerState.busy: "yellow",
+                 WorkerState.loading: "cyan"}.get(state, "red")
+        t.add_row(cell(r["id"]), cell(state, style), cell(r["device"]), cell(r["endpoint"]),
+                  cell(human_bytes(r.get("memory_bytes"))), cell(human_bytes(r.get("free_bytes"))),
+                  cell(r["pid"]))
+    return t
+
+
+def split_line(doc: Doc) -> str | None:
+    """A split worker's devices and shares, one line ("rpc:HOST:PORT 50% · cpu:0 50%")."""
+    split = doc.get("split") or []
+    if not doc.get("rpc") and len(split) < 2:
+        return None
+    parts = [f"{safe(d['device'])} {d['share'] * 100:.0f}%"
+             + (f" ({human_bytes(d['bytes'])})" if d.get("bytes") else "") for d in split]
+    return "split: " + " · ".join(parts)
 
 
 def _worker_problems(workers: list[Doc]) -> list[str]:
@@ -104,6 +129,9 @@ def render_status(doc: Doc) -> None:
     _print(f"\n[bold]workers[/] ({len(doc['workers'])})")
     if doc["workers"]:
         _print(workers_table(doc["workers"]), *_worker_problems(doc["workers"]))
+    if doc.get("lenders"):
+        _print(f"\n[bold]RPC lenders[/] ({len(doc['lenders'])})", lenders_table(doc["lenders"]),
+               *_worker_problems(doc["lenders"]))
 
 
 def render_detect(doc: Doc) -> None:
@@ -177,6 +205,25 @@ def render_worker(doc: Doc) -> None:
     _print(f"[bold]{safe(doc['id'])}[/] {safe(doc['state'])}  {safe(doc['model'])} on "
            f"{safe(doc['backend'])}:{safe(doc['device'])}  {safe(doc['url'])}  "
            f"pid {safe(doc['pid'])}")
+    line = split_line(doc)
+    if line:
+        _print(line)
+
+
+def render_lender(doc: Doc) -> None:
+    _print(f"[bold]{safe(doc['id'])}[/] {safe(doc['state'])}  lends {safe(doc['device'])} at "
+           f"{safe(doc['endpoint'])}  pid {safe(doc['pid'])}  "
+           f"{human_bytes(doc.get('free_bytes'))} free of {human_bytes(doc.get('total_bytes'))}")
+    if doc.get("insecure"):
+        _print(f"[yellow]listening on {safe(doc['host'])} with no authentication or "
+               "encryption (--insecure)[/]")
+
+
+def render_lenders(doc: Doc) -> None:
+    if not doc["lenders"]:
+        _print("[dim]No lenders: `rbee-hive rpc start --device cpu:0`[/]")
+        return
+    _print(lenders_table(doc["lenders"]), *_worker_problems(doc["lenders"]))
 
 
 def render_workers(doc: Doc) -> None:
@@ -190,12 +237,15 @@ def render_health(doc: Doc) -> None:
     _print(f"{safe(doc['worker_id'])}: {safe(doc['status'])}  {safe(doc['model'])} on "
            f"{safe(doc['backend'])}:{safe(doc['device'])}  ctx {safe(doc['ctx'])}  "
            f"up {doc['uptime_s']:.0f}s")
+    line = split_line(doc)
+    if line:
+        _print(line)
 
 
 def render_stopped(doc: Doc) -> None:
     stopped = doc.get("stopped", [doc])
     if not stopped:
-        _print("[dim]No workers to stop.[/]")
+        _print("[dim]Nothing to stop.[/]")
     for s in stopped:
         how = f" ({s['signal']})" if s.get("signal") else " (was not running)"
         _print(f"stopped {safe(s['id'])}{how}")
@@ -262,6 +312,8 @@ RENDERERS: dict[str, Callable[[Doc], None]] = {
     schemas.WORKER: render_worker,
     schemas.WORKERS: render_workers,
     schemas.WORKER_HEALTH: render_health,
+    schemas.LENDER: render_lender,
+    schemas.LENDERS: render_lenders,
     schemas.STOPPED: render_stopped,
     schemas.TOKEN: render_token,
     schemas.GIT: render_git,

@@ -12,18 +12,23 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from rbee_common.estimate import Estimate, estimate, max_ctx_that_fits
+from rbee_common.estimate import Estimate, estimate, human_bytes, max_ctx_that_fits
 from rbee_common.files import atomic_write_bytes
 from rbee_common.fit import Fit, Room, default_ctx, fit, room_of
 from rbee_common.progress import Reporter, null_reporter
+from rbee_common.rpc import LenderInfo
 from rbee_hive import schemas
 from rbee_hive.devices import backend_reason, detect, find_device
 from rbee_hive.errors import (
     InsufficientRam,
     InsufficientVram,
+    LenderBusy,
+    LenderUnreachable,
     LoadingTimeout,
     NoFreePort,
     RbeeError,
+    RpcProtocolMismatch,
+    RpcUnavailable,
     WorkerCrashed,
     crashed_hint,
     disk_full,
@@ -104,16 +109,21 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
           port: int | None = None, ctx: int | None = None, bind: str | None = None,
           wait: bool = True, timeout: float | None = None, token: str | None = None,
           threads: int | None = None, tensor_split: Sequence[float] | None = None,
-          report: Reporter = null_reporter) -> dict[str, Any]:
+          rpc: Sequence[str] = (), report: Reporter = null_reporter) -> dict[str, Any]:
     """Check, start and (unless wait=False) wait for a worker; return its record.
 
     Several devices (GPUs of this host) run one worker with llama.cpp's layer split: the fit
     rule applies across them, and each takes a share in proportion to what it has available
-    unless `tensor_split` says otherwise."""
+    unless `tensor_split` says otherwise. RPC lenders (`rpc`, HOST:PORT as this host reaches
+    them) join the split, first: each is asked for its protocol version and free memory
+    before anything starts, so one that is gone, busy or of another build is a coded error
+    with no worker left behind."""
+    from rbee_common.rpc import parse_endpoints
     from worker.launch import check_devices
 
     devices = [device] if isinstance(device, int) else list(device)
-    check_devices(backend, devices, tensor_split)  # before anything else: a usage error
+    rpc = parse_endpoints(",".join(rpc)) if rpc else []
+    check_devices(backend, devices, tensor_split, len(rpc))  # first: a usage error
     timeout = timeout or load_timeout()  # a bad RBEE_LOAD_TIMEOUT refuses before any start
     model = ModelStore().require(model_ref)
     inventory = detect()
@@ -131,6 +141,7 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
             raise BackendUnavailable(f"there is no {backend} device {index} on this host",
                                      hint=f"Devices here: {have}.")
         devs.append(dev)
+    lenders = _ask_lenders(rpc, report)
     ctx = ctx or default_ctx(model["gguf"].get("context_length"))
     est = model_estimate(model, ctx)
     bind = bind or os.environ.get("RBEE_WORKER_BIND") or "127.0.0.1"
@@ -139,12 +150,17 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
     for attempt in range(1, PORT_ATTEMPTS + 1):
         record, proc = _start(model, est, devs, inventory, backend=backend, port=port,
                               bind=bind, ctx=ctx, token=token, threads=threads,
-                              tensor_split=tensor_split, avoid=tried)
+                              tensor_split=tensor_split, avoid=tried, lenders=lenders)
         if not wait:
             return record
         try:
             return wait_ready(record, proc, timeout, report)
         except RbeeError as e:
+            if e.code in RPC_CODES:  # a lender went away (or got busy) since we asked it
+                reg = Registry()
+                with reg.lock():
+                    reg.remove(record["id"])
+                raise
             # another program took the port between our choice and the worker's bind
             if e.code != NoFreePort.code or port is not None or attempt == PORT_ATTEMPTS:
                 raise
@@ -158,35 +174,104 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
+RPC_CODES = frozenset({LenderUnreachable.code, LenderBusy.code, RpcProtocolMismatch.code,
+                       RpcUnavailable.code})
+
+
+def _ask_lenders(rpc: Sequence[str], report: Reporter) -> list[LenderInfo]:
+    """Handshake every lender (version, free memory) before anything starts: llama.cpp's
+    own client would abort the worker on one that does not answer."""
+    if not rpc:
+        return []
+    from rbee_common.rpc import handshake
+    from worker.launch import build_backends
+
+    if not build_backends()["rpc"]:
+        raise RpcUnavailable("this host's llama-cpp-python was built without RPC (no "
+                             "libggml-rpc): it cannot borrow memory from --rpc lenders")
+    out = []
+    for endpoint in rpc:
+        info = handshake(endpoint)
+        report({"event": "log", "message": f"RPC lender {endpoint}: protocol "
+                                           f"{'.'.join(map(str, info.version))}, "
+                                           f"{human_bytes(info.free)} free"})
+        out.append(info)
+    return out
+
+
+def _check_lent(model: dict[str, Any], est: Estimate, lenders: list[LenderInfo],
+                rooms: list[Room]) -> Fit:
+    """The fit rule across RPC lenders (their free memory as they report it) and this host's
+    devices: every device must hold its share."""
+    lent = [Room("rpc", i, info.free, 0) for i, info in enumerate(lenders)]
+    verdict = fit(est, lent + rooms)
+    if verdict.ok:
+        return verdict
+    names = [f"rpc:{info.endpoint}" for info in lenders] + [r.label for r in rooms]
+    parts = "; ".join(f"{name} would hold {human_bytes(share)} of {human_bytes(room.available)}"
+                      f" available" for name, room, share
+                      in zip(names, verdict.rooms, verdict.shares, strict=True))
+    cls = InsufficientVram if all(r.backend != "cpu" for r in rooms) else InsufficientRam
+    raise cls(f"{model['id']} at ctx {est.ctx} needs {verdict.needs()}; split: {parts}",
+              hint="Add another lender (--rpc), use a smaller --ctx, or a smaller model or "
+                   "quantisation.",
+              required_bytes=est.total_bytes, shares=list(verdict.shares),
+              available_bytes=[r.available for r in verdict.rooms])
+
+
+def _bytes_by_split(est: Estimate, tensor_split: Sequence[float] | None, verdict: Fit
+                    ) -> tuple[int, ...]:
+    """What each device holds: the fit rule's shares, or those of an explicit split."""
+    if not tensor_split:
+        return verdict.shares
+    body, total = est.weights_bytes + est.kv_bytes, sum(tensor_split)
+    return tuple(int(body * share / total) + est.overhead_bytes for share in tensor_split)
+
+
+def split_of(names: list[str], shares: Sequence[float], device_bytes: Sequence[int]
+             ) -> list[dict[str, Any]]:
+    """A worker record's `split`: every device (RPC lenders first), its share and bytes."""
+    total = sum(shares) or 1.0
+    return [{"device": name, "share": round(share / total, 4), "bytes": int(size)}
+            for name, share, size in zip(names, shares, device_bytes, strict=True)]
+
+
 def _start(model: dict[str, Any], est: Estimate, devs: list[dict[str, Any]],
            inventory: dict[str, Any], *, backend: str, port: int | None,
            bind: str, ctx: int, token: str, threads: int | None,
-           tensor_split: Sequence[float] | None,
-           avoid: set[int]) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
+           tensor_split: Sequence[float] | None, avoid: set[int],
+           lenders: list[LenderInfo]) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
     """Admit, choose a port and start one worker process; its record exists before it does."""
     reg = Registry()
     reg.dir.mkdir(parents=True, exist_ok=True)
     with reg.lock():
         live = [r for r in reg.all() if r["state"] in schemas.LIVE_STATES
                 and (r["pid"] is None or pid_alive(r["pid"], r["id"]))]
-        if len(devs) == 1:
+        if lenders:
+            verdict = _check_lent(model, est, lenders, [room_of(d, live) for d in devs])
+        elif len(devs) == 1:
             verdict = _check_memory(model, est, room_of(devs[0], live), inventory, live)
         else:
             verdict = _check_split(model, est, [room_of(d, live) for d in devs])
         devices = [int(d["index"]) for d in devs]
-        split = list(tensor_split or verdict.tensor_split) if len(devs) > 1 else []
+        rpc = [info.endpoint for info in lenders]
+        split = list(tensor_split or verdict.tensor_split) if len(devs) + len(rpc) > 1 else []
+        names = [f"rpc:{e}" for e in rpc] + [f"{backend}:{i}" for i in devices]
         with port_lock() as runtime:
             chosen = pick_port(port, bind, {r["port"] for r in live} | avoid
                                | reserved_ports(runtime))
             many = f"x{len(devices)}" if len(devices) > 1 else ""
-            wid = f"{backend}{devices[0]}{many}-{secrets.token_hex(3)}"
+            lent = f"-rpc{len(rpc)}" if rpc else ""
+            wid = f"{backend}{devices[0]}{many}{lent}-{secrets.token_hex(3)}"
             url_host = socket.gethostname() if bind in ("0.0.0.0", "::") else bind
             record: dict[str, Any] = {
                 "schema": schemas.WORKER, "id": wid, "pid": None, "port": chosen, "host": bind,
                 "url": f"http://{url_host}:{chosen}" if ":" not in url_host
                 else f"http://[{url_host}]:{chosen}",
                 "backend": backend, "device": devices[0], "devices": devices,
-                "device_bytes": list(verdict.shares), "tensor_split": split,
+                "device_bytes": list(verdict.shares[len(rpc):]), "tensor_split": split,
+                "rpc": rpc, "split": split_of(names, split or [1.0],
+                                              _bytes_by_split(est, tensor_split, verdict)),
                 "model": model["id"],
                 "model_path": model["path"], "ctx": ctx, "estimate_bytes": est.total_bytes,
                 "state": schemas.LOADING, "message": None,
@@ -206,7 +291,7 @@ def _start(model: dict[str, Any], est: Estimate, devs: list[dict[str, Any]],
             argv = worker_argv(model_path=model["path"], backend=backend, device=devices,
                                port=chosen, host=bind, worker_id=wid, ctx=ctx,
                                model_id=model["id"], threads=threads,
-                               tensor_split=split or None)
+                               tensor_split=split or None, rpc=rpc)
             log.debug("spawning %s", shlex.join(argv))
             try:
                 with open(reg.log_path(wid), "ab") as logf:

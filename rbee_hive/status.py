@@ -16,6 +16,7 @@ from rbee_common.estimate import reserve_bytes
 from rbee_common.paths import rbee_home
 from rbee_hive import schemas
 from rbee_hive.devices import detect
+from rbee_hive.lenders import list_lenders
 from rbee_hive.store import ModelStore
 from rbee_hive.workers import list_workers
 
@@ -52,4 +53,5 @@ def status() -> dict[str, Any]:
         "devices": inventory["devices"],
         "models": [model_summary(m) for m in ModelStore().list()],
         "workers": list_workers(),
+        "lenders": list_lenders(inventory),
     }

@@ -57,9 +57,13 @@ def _refresh(reg: Registry, record: dict[str, Any]) -> dict[str, Any]:
         err = error_from_log(reg.log_path(wid))
         message = err.message if err else "the worker process is gone" if pid is not None \
             else "its start was cut short before the worker process ran"
+        lost = _lost_lenders(record)
+        if lost:
+            message = "; ".join(f"its RPC lender {x['endpoint']} is gone ({x['reason']})"
+                                for x in lost) + f" — {message}"
         with contextlib.suppress(WorkerNotFound):
-            reg.update(wid, state=schemas.DEAD, message=message)
-        return {**record, "state": schemas.DEAD, "message": message,
+            reg.update(wid, state=schemas.DEAD, message=message, lost_lenders=lost)
+        return {**record, "state": schemas.DEAD, "message": message, "lost_lenders": lost,
                 "log_tail": log_tail(reg.log_path(wid), 10)}
     health = http_health(record["host"], record["port"], timeout=1.0)
     if health is not None and health.get("worker_id") != wid:
@@ -70,10 +74,35 @@ def _refresh(reg: Registry, record: dict[str, Any]) -> dict[str, Any]:
         return {**record, "state": schemas.ERROR, "message": "not answering /health",
                 "log_tail": log_tail(reg.log_path(wid), 10)}
     state = str(health.get("status"))
+    gone = _hung_up_lenders(record)
+    if gone:  # llama.cpp would abort the worker on its next job
+        return {**record, "state": schemas.ERROR,
+                "message": f"its RPC lender {', '.join(gone)} is gone: the next job would end "
+                           "this worker",
+                "log_tail": log_tail(reg.log_path(wid), 10)}
     if state != record["state"] and state in (schemas.READY, schemas.LOADING):
         with contextlib.suppress(WorkerNotFound):
             reg.update(wid, state=state)
     return {**record, "state": state}
+
+
+def _lost_lenders(record: dict[str, Any]) -> list[dict[str, str]]:
+    """The RPC lenders of a dead worker that are gone too: a lender lost mid-generation
+    makes llama.cpp abort its borrower, so that is what the crash is named after."""
+    if not record.get("rpc"):
+        return []
+    from rbee_hive.lenders import lost_lenders
+
+    return lost_lenders(record["rpc"])
+
+
+def _hung_up_lenders(record: dict[str, Any]) -> list[str]:
+    """A live worker's RPC lenders that have hung up on it (rbee_hive.lenders.hung_up)."""
+    if not record.get("rpc"):
+        return []
+    from rbee_hive.lenders import hung_up
+
+    return hung_up(record["rpc"])
 
 
 def list_workers() -> list[dict[str, Any]]:
@@ -92,8 +121,10 @@ def health(wid: str) -> dict[str, Any]:
     record = reg.get(wid)
     pid = _pid_of(reg, record)
     if pid is None or not pid_alive(pid, wid):
-        raise WorkerCrashed(f"worker {wid} is not running", hint=crashed_hint(wid),
-                            log_tail=log_tail(reg.log_path(wid)))
+        lost = record.get("lost_lenders") or _lost_lenders(record)
+        gone = "".join(f"; its RPC lender {x['endpoint']} is gone" for x in lost)
+        raise WorkerCrashed(f"worker {wid} is not running{gone}", hint=crashed_hint(wid),
+                            log_tail=log_tail(reg.log_path(wid)), lost_lenders=lost or None)
     doc = http_health(record["host"], record["port"], timeout=2.0)
     if doc is not None and doc.get("worker_id") != wid:
         doc = None  # the port answers for another worker, not this one

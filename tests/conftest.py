@@ -63,13 +63,18 @@ def isolate(root: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
 
 @pytest.fixture
 def rbee_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    """Every test gets its own HOME, RBEE_HOME and config dir; its workers are stopped after."""
+    """Every test gets its own HOME, RBEE_HOME and config dir; its workers (and RPC lenders)
+    are stopped after."""
     env = isolate(tmp_path, monkeypatch)
     yield env
     if (env.rbee_home / "workers").is_dir():
         from rbee_hive.workers import stop_all
 
         stop_all(grace=3.0)
+    if (env.rbee_home / "lenders").is_dir():
+        from rbee_hive.lenders import stop_all as stop_lenders
+
+        stop_lenders(grace=3.0)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import Env
 from tests.helpers import run
 
@@ -40,9 +42,14 @@ MODEL_RECORD = ["added_at", "gguf", "id", "name", "path", "revision", "sha256", 
 SHARD = ["path", "sha256", "size"]  # one file of a model (a split model has several)
 WORKER_RECORD = ["backend", "created_at", "ctx", "device", "device_bytes", "devices",
                  "estimate_bytes", "host", "id", "log", "message", "model", "model_path", "pid",
-                 "port", "ready_s", "schema", "state", "tensor_split", "url"]
+                 "port", "ready_s", "rpc", "schema", "split", "state", "tensor_split", "url"]
+SPLIT = ["bytes", "device", "share"]  # a worker's every device, RPC lenders first
+LENDER_RECORD = ["backend", "cache_dir", "created_at", "device", "endpoint", "free_bytes",
+                 "host", "id", "index", "insecure", "log", "memory_bytes", "message", "pid",
+                 "port", "protocol", "ready_s", "schema", "state", "threads", "total_bytes"]
 STATUS = {
-    ".": ["backends", "devices", "host", "models", "reserve_bytes", "schema", "workers"],
+    ".": ["backends", "devices", "host", "lenders", "models", "reserve_bytes", "schema",
+          "workers"],
     ".host": ["hostname", "machine", "platform", "python", "rbee_home", "rbee_version"],
     ".backends[]": ["available", "name", "reason"],
     ".devices[]": ["backend", "cores", "index", "memory_free", "memory_limit", "memory_total",
@@ -50,6 +57,7 @@ STATUS = {
     ".models[]": ["architecture", "context_length", "data_offset", "file_type", "id",
                   "kv_per_token", "name", "parameters", "path", "sha256", "size", "source"],
     ".workers[]": WORKER_RECORD,
+    ".workers[].split[]": SPLIT,
 }
 ERROR = {".": ["error"], ".error": ["code", "details", "hint", "message"]}
 PLACEMENT = ["chosen", "ctx", "estimate", "path", "rejected"]
@@ -77,10 +85,12 @@ def pinned_hive() -> dict[str, Shape]:
                               "estimate", "schema"]),
                  ".gguf": GGUF, ".estimate": ESTIMATE, ".shards[]": SHARD},
         "verify": {".": ["id", "ok", "schema", "sha256", "size"]},
-        "spawn": {".": WORKER_RECORD},
-        "worker list": {".": ["schema", "workers"], ".workers[]": WORKER_RECORD},
-        "health": {".": ["backend", "ctx", "device", "devices", "model", "schema", "status",
-                         "uptime_s", "vram_bytes", "worker_id"]},
+        "spawn": {".": WORKER_RECORD, ".split[]": SPLIT},
+        "worker list": {".": ["schema", "workers"], ".workers[]": WORKER_RECORD,
+                        ".workers[].split[]": SPLIT},
+        "health": {".": ["backend", "ctx", "device", "devices", "model", "rpc", "schema",
+                         "split", "status", "uptime_s", "vram_bytes", "worker_id"],
+                   ".split[]": SPLIT},
         "logs": {".": ["id", "lines", "schema"]},
         "token": {".": ["id", "schema", "token"]},
         "stop": {".": ["id", "model", "schema", "signal", "was"]},
@@ -158,8 +168,8 @@ def test_rbee_documents_keep_their_keys(rbee_env: Env, tiny_model: Path) -> None
         "hosts check": {".": ["hosts", "schema", "status"],
                         ".hosts[]": sorted([*HOST_OUTCOME, "checks", "status"]),
                         ".hosts[].checks[]": ["check", "ok", "skipped"],
-                        **nest(".hosts[].status",
-                               {k: v for k, v in STATUS.items() if k != ".workers[]"})},
+                        **nest(".hosts[].status", {k: v for k, v in STATUS.items()
+                                                   if not k.startswith(".workers[]")})},
         "infer cold": {".": infer_top,
                        ".timings": sorted([*timings, "spawn_ms", "status_ms"]),
                        ".worker": ["backend", "device", "id", "url"],
@@ -171,7 +181,8 @@ def test_rbee_documents_keep_their_keys(rbee_env: Env, tiny_model: Path) -> None
         "workers list": {".": ["hosts", "schema", "status", "workers"],
                          ".hosts[]": sorted([*HOST_OUTCOME, "workers"]),
                          ".hosts[].workers[]": WORKER_RECORD,
-                         ".workers[]": WORKER_RECORD},
+                         ".hosts[].workers[].split[]": SPLIT,
+                         ".workers[]": WORKER_RECORD, ".workers[].split[]": SPLIT},
         "workers stop": {".": ["host", "id", "model", "schema", "signal", "was"]},
         "workers stop all": {".": ["hosts", "schema", "status", "stopped"],
                              ".hosts[]": sorted([*HOST_OUTCOME, "stopped"])},
@@ -184,3 +195,27 @@ def test_rbee_documents_keep_their_keys(rbee_env: Env, tiny_model: Path) -> None
     assert got["pool status"] == {".": ["hosts", "schema", "status"],
                                   ".hosts[]": sorted([*HOST_OUTCOME, "status"]),
                                   **nest(".hosts[].status", STATUS)}
+
+
+def test_rpc_documents_keep_their_keys(rbee_env: Env, tiny_model: Path) -> None:
+    from rbee_common.rpc import rpc_supported
+
+    if not rpc_supported():
+        pytest.skip("this llama-cpp-python build has no RPC backend")
+    hive_json("models", "import", str(tiny_model), "--id", "tiny")
+    lender = hive_json("rpc", "start", "--device", "cpu:0", "--threads", "1")
+    worker = hive_json("worker", "spawn", "cpu", "--model", "tiny", "--threads", "1", "--rpc",
+                       lender["endpoint"])
+    got = {"rpc start": shape(lender), "rpc list": shape(hive_json("rpc", "list")),
+           "spawn --rpc": shape(worker), "status": shape(hive_json("status")),
+           "rpc logs": shape(hive_json("rpc", "logs", lender["id"])),
+           "stop all": shape(hive_json("worker", "stop", "--all"))}
+    assert got == {
+        "rpc start": {".": LENDER_RECORD},
+        "rpc list": {".": ["lenders", "schema"], ".lenders[]": LENDER_RECORD},
+        "spawn --rpc": {".": WORKER_RECORD, ".split[]": SPLIT},
+        "status": {**STATUS, ".lenders[]": LENDER_RECORD},
+        "rpc logs": {".": ["id", "lines", "schema"]},
+        "stop all": {".": ["schema", "stopped"],
+                     ".stopped[]": ["id", "model", "schema", "signal", "was"]},
+    }

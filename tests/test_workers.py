@@ -207,7 +207,8 @@ def test_status_is_one_document_with_everything(tiny_registered: str) -> None:
     doc = r.json()
     assert doc["schema"] == "rbee.hive.status/v1"
     assert set(doc) == {"schema", "host", "reserve_bytes", "backends", "devices", "models",
-                        "workers"}
+                        "workers", "lenders"}
+    assert doc["lenders"] == []  # RPC lenders (tests/test_rpc.py)
     assert {b["name"] for b in doc["backends"]} == {"cpu", "cuda", "metal"}
     cpu = next(d for d in doc["devices"] if d["backend"] == "cpu")
     assert cpu["memory_total"] > cpu["memory_free"] > 0 and cpu["cores"] >= 1

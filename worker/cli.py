@@ -1,7 +1,7 @@
 """llm-worker-rbee: started by rbee-hive, never by hand in normal use.
 
     llm-worker-rbee --model PATH --backend cpu|cuda|metal [--device N[,N...]] --port P \
-        [--host ADDR] --worker-id ID [--ctx N] [--tensor-split F,F...]
+        [--host ADDR] --worker-id ID [--ctx N] [--rpc HOST:PORT[,...]] [--tensor-split F,F...]
 
 The bearer token comes from $RBEE_WORKER_TOKEN or --token-file, never from argv.
 A start-up failure ends the log with one `RBEE_ERROR {json}` line and exit status 1.
@@ -42,8 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores on cpu)")
     p.add_argument("--token-file", type=Path, help="read the bearer token from this file")
     p.add_argument("--tensor-split", type=_arg(parse_split),
-                   help="each device's share of the model, e.g. 0.6,0.4 (default: even)")
+                   help="each device's share of the model, e.g. 0.6,0.4 (default: even; with "
+                        "--rpc: by free memory, the lenders first)")
+    p.add_argument("--rpc", type=_arg(_endpoints), default=(),
+                   help="RPC lenders to put part of the model on, HOST:PORT[,HOST:PORT]")
     return p
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    from rbee_common.rpc import parse_endpoints
+
+    try:
+        return tuple(parse_endpoints(text))
+    except RbeeError as e:
+        raise ValueError(e.message) from None
 
 
 def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -91,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        check_devices(args.backend, args.device, args.tensor_split)
+        check_devices(args.backend, args.device, args.tensor_split, len(args.rpc))
     except RbeeError as e:
         parser.error(e.message)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -111,13 +123,14 @@ def serve(args: argparse.Namespace) -> int:
     token = _token(args)
     engine = Engine(EngineSettings(model_path=args.model, backend=args.backend, ctx=args.ctx,
                                    threads=args.threads or default_threads(args.backend),
-                                   n_devices=len(args.device), tensor_split=args.tensor_split))
+                                   n_devices=len(args.device), tensor_split=args.tensor_split,
+                                   rpc=args.rpc, device_ids=args.device))
     sock = _bind(args.host, args.port)
     loading = Loading(engine)  # first: it runs while the HTTP stack below imports
     from worker.app import WorkerSettings, create_app
 
     settings = WorkerSettings(worker_id=args.worker_id, model_id=args.model_id or
                               Path(args.model).stem, backend=args.backend, devices=args.device,
-                              ctx=args.ctx, token=token)
+                              ctx=args.ctx, token=token, rpc=args.rpc)
     app = create_app(settings, engine)
     return run(app, sock, loading, f"{args.host}:{args.port} as {args.worker_id}", fail)

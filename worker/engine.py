@@ -28,6 +28,8 @@ from worker.errors import BackendUnavailable, InvalidRequest, ModelLoadFailed
 log = logging.getLogger("rbee.worker")
 
 _OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+# llama.cpp's buffers as it allocates them: weights, KV cache and compute, per device
+_BUFFER = re.compile(r"^\S+:\s+(\S+) (?:model|KV|compute) buffer size =\s+([\d.]+) MiB")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class EngineSettings:
     threads: int | None = None
     batch: int = 512
     n_devices: int = 1  # GPUs the worker spans; rbee-hive makes them 0..n-1 (CUDA_VISIBLE_DEVICES)
-    tensor_split: tuple[float, ...] | None = None  # each device's share; None: even
+    tensor_split: tuple[float, ...] | None = None  # each device's share (lenders first)
+    rpc: tuple[str, ...] = ()  # RPC lenders (HOST:PORT) that hold part of the model
+    device_ids: tuple[int, ...] | None = None  # the devices as rbee-hive numbers them
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ class LlamaLogCapture:
         self.lines: deque[str] = deque(maxlen=keep)  # info, warnings, errors, plain prints
         self.debug: deque[str] = deque(maxlen=keep_debug)
         self.offload: tuple[int, int] | None = None  # (offloaded, total) layers, when logged
+        self.buffers: dict[str, int] = {}  # bytes llama.cpp allocated, by buffer name
         self._partial = ""
         self._level = LogLevel.INFO  # of the line being assembled in _partial
         self._callback: Any = None
@@ -219,6 +224,10 @@ class LlamaLogCapture:
             m = _OFFLOADED.search(line)
             if m:
                 self.offload = int(m.group(1)), int(m.group(2))
+            m = _BUFFER.match(line)
+            if m:
+                name = m.group(1)
+                self.buffers[name] = self.buffers.get(name, 0) + int(float(m.group(2)) * 2**20)
             (self.debug if self._level == LogLevel.DEBUG else self.lines).append(line)
 
     def offloaded(self) -> tuple[int, int] | None:
@@ -264,13 +273,15 @@ def model_params(**fields: Any) -> Iterator[None]:
         lc.llama_model_default_params = original
 
 
-def llama_kwargs(s: EngineSettings) -> dict[str, Any]:
+def llama_kwargs(s: EngineSettings, tensor_split: list[float] | None = None) -> dict[str, Any]:
     """The arguments Engine.load gives llama_cpp.Llama for these settings.
 
     A GPU worker offloads every layer (VRAM only). On one device it keeps the whole model
     there (no split); across several it splits by layer, in the proportions of
     `tensor_split` (even by default: llama.cpp's own default follows free memory, which the
-    worker does not control).
+    worker does not control). A worker that borrows from RPC lenders offloads every layer
+    too, across [lenders…, its own devices], in the proportions `tensor_split` gives (the
+    engine works them out from each device's free memory when the settings have none).
     """
     import llama_cpp
 
@@ -279,13 +290,17 @@ def llama_kwargs(s: EngineSettings) -> dict[str, Any]:
         "model_path": s.model_path,
         "n_ctx": s.ctx,
         "n_batch": min(s.batch, s.ctx),
-        "n_gpu_layers": -1 if gpu else 0,
+        "n_gpu_layers": -1 if gpu or s.rpc else 0,
         "verbose": False,
     }
     if s.threads:
         kwargs["n_threads"] = s.threads
         kwargs["n_threads_batch"] = s.threads
-    if gpu and s.n_devices > 1:
+    if s.rpc:
+        kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+        kwargs["tensor_split"] = list(tensor_split or s.tensor_split
+                                      or [1.0] * (len(s.rpc) + s.n_devices))
+    elif gpu and s.n_devices > 1:
         kwargs["split_mode"] = llama_cpp.LLAMA_SPLIT_MODE_LAYER
         kwargs["tensor_split"] = list(s.tensor_split or [1.0] * s.n_devices)
     elif gpu:
@@ -331,16 +346,27 @@ class Engine:
         self.llama: Any = None
         self.logs = LlamaLogCapture()
         self.chat_template: str | None = None
+        self.names: list[str] = []  # each device of the split: RPC lenders first, then its own
+        self.split: list[dict[str, Any]] = []  # their shares and bytes, once loaded
 
     @property
     def gpu(self) -> bool:
         return is_gpu(self.settings.backend)
 
     def check_backend(self) -> None:
-        """Refuse a GPU backend the llama.cpp build cannot offload to (no CPU fallback)."""
+        """Refuse a GPU backend the llama.cpp build cannot offload to (no CPU fallback), and
+        RPC lenders on a build without RPC."""
         from worker.launch import build_backends
 
         backend = self.settings.backend
+        if self.settings.rpc:
+            from rbee_common.rpc import rpc_supported
+
+            if not rpc_supported():
+                from rbee_common.errors import RpcUnavailable
+
+                raise RpcUnavailable("this llama-cpp-python build has no RPC backend: it "
+                                     "cannot borrow memory from --rpc lenders")
         if self.gpu and not gpu_offload_supported():
             raise BackendUnavailable(
                 f"this llama-cpp-python build cannot offload to a GPU, so backend "
@@ -355,29 +381,105 @@ class Engine:
 
         self.logs.install()
         s = self.settings
-        kwargs = llama_kwargs(s)
+        self.names = [f"rpc:{e}" for e in s.rpc] + [
+            f"{s.backend}:{i}" for i in (s.device_ids or range(s.n_devices))]
+        fields: dict[str, Any] = {}
+        if s.rpc:
+            devices, shares = self._borrow()
+            fields["devices"] = ctypes.cast(devices, ctypes.c_void_p)
+            kwargs = llama_kwargs(s, shares)
+        else:
+            kwargs = llama_kwargs(s)
         extra = extra_buffer_types_wanted(s.backend)
         if not extra:
             log.info("keeping weights out of llama.cpp's AMX/repack buffers (llama.cpp#20824); "
                      "RBEE_LLAMA_EXTRA_BUFTS=1 re-enables them")
         try:
-            with model_params(use_extra_bufts=extra):
+            with model_params(use_extra_bufts=extra, **fields):
                 self.llama = llama_cpp.Llama(**kwargs)
         except (ValueError, RuntimeError, OSError) as e:
             tail = "\n".join(list(self.logs.lines)[-5:])
             raise ModelLoadFailed(f"llama.cpp could not load {s.model_path}: {e}",
                                   log_tail=tail) from e
-        if self.gpu:
+        self._account(kwargs.get("tensor_split") or [1.0] * s.n_devices)
+        if self.gpu or s.rpc:
             done = self.logs.offloaded()
             if done is None or done[0] < done[1]:
                 got = f"{done[0]}/{done[1]}" if done else "an unknown number of"
                 self.close()
                 raise ModelLoadFailed(
-                    f"only {got} layers were offloaded to {s.backend}; rbee runs GPU workers "
-                    "entirely in VRAM",
+                    f"only {got} layers were offloaded to {s.backend}"
+                    + (" and its RPC lenders" if s.rpc else "")
+                    + "; rbee runs GPU and split workers entirely on their devices",
                     hint="Free VRAM, or choose a smaller model, quantisation or --ctx.",
                 )
         self.chat_template = self.llama.metadata.get("tokenizer.chat_template")
+
+    def _borrow(self) -> tuple[Any, list[float]]:
+        """Add the RPC lenders as devices: the NULL-terminated device list for llama.cpp
+        ([lenders…, this worker's own devices]) and each one's share of the model.
+
+        llama.cpp aborts the whole process when an endpoint does not answer or speaks another
+        protocol version, so every lender is asked first (rbee_common.rpc.handshake), each
+        failure a coded error before any is added."""
+        from rbee_common.rpc import ggml, handshake
+
+        s = self.settings
+        lib = ggml()
+        lib.rpc_reg()  # RPC_UNAVAILABLE on a build without it
+        infos = [handshake(endpoint) for endpoint in s.rpc]
+        local = lib.local_devices(s.backend)[:s.n_devices]
+        if len(local) < s.n_devices:
+            raise BackendUnavailable(f"llama.cpp sees {len(local)} {s.backend} device(s) here, "
+                                     f"{s.n_devices} wanted")
+        lib.on_abort(self._aborted)
+        lenders = [d for endpoint in s.rpc for d in lib.add_server(endpoint)[:1]]
+        for info, dev in zip(infos, lenders, strict=True):
+            log.info("borrowing %s (%s) at %s: %d MiB free of %d, protocol %s", dev.name,
+                     dev.description, info.endpoint, info.free >> 20, info.total >> 20,
+                     ".".join(map(str, info.version)))
+        free = [info.free for info in infos] + [d.memory(lib).free for d in local]
+        shares = list(s.tensor_split) if s.tensor_split else [
+            round(f / sum(free), 4) if sum(free) else 1 / len(free) for f in free]
+        handles = [d.handle for d in lenders + local]
+        return (ctypes.c_void_p * (len(handles) + 1))(*handles, None), shares
+
+    def _aborted(self, message: str) -> None:
+        """ggml's last words before it aborts the process (a lender lost mid-generation):
+        one RBEE_ERROR line, as a failed start writes, so rbee-hive can say what happened."""
+        import json
+
+        from rbee_common.errors import WorkerCrashed
+        from worker.protocol import ERROR_LINE_PREFIX
+
+        said = re.sub(r"^\S+:\d+: ", "", message.strip())  # less ggml's source file:line
+        err = WorkerCrashed(f"llama.cpp aborted the worker: {said}", rpc=list(self.settings.rpc))
+        with contextlib.suppress(OSError):
+            os.write(2, (f"{message}\n{ERROR_LINE_PREFIX}{json.dumps(err.to_dict())}\n")
+                     .encode())
+
+    def _account(self, shares: list[float]) -> None:
+        """Each device's share and the bytes llama.cpp allocated on it (weights, KV cache
+        and compute buffers, from its log), for /health. A GPU worker's host buffers (pinned
+        staging memory) count on no device."""
+        s = self.settings
+        spent = dict.fromkeys(self.names, 0)
+        for buffer, size in self.logs.buffers.items():
+            lender = next((e for e in s.rpc if f"[{e}]" in buffer), None)
+            if lender is not None:
+                spent[f"rpc:{lender}"] += size
+            elif s.backend == Backend.cpu:
+                spent[self.names[-1]] += size
+            elif buffer.upper().startswith(("CUDA", "MTL", "METAL")) \
+                    and "HOST" not in buffer.upper():
+                digits = "".join(ch for ch in buffer if ch.isdigit())
+                local = self.names[len(s.rpc):]
+                index = int(digits) if digits else 0  # as this process numbers its devices
+                if index < len(local):
+                    spent[local[index]] += size
+        total = sum(shares) or 1.0
+        self.split = [{"device": name, "share": round(share / total, 4), "bytes": spent[name]}
+                      for name, share in zip(self.names, shares, strict=True)]
 
     def close(self) -> None:
         if self.llama is not None:

@@ -35,6 +35,7 @@ def build_backends() -> dict[str, bool]:
         Backend.metal: any("ggml-metal" in n for n in names) or (
             sys.platform == "darwin" and any(n.startswith("libggml") for n in names)),
         Backend.cpu: lib is not None,
+        "rpc": any("ggml-rpc" in n for n in names),  # lending and borrowing (rbee_common.rpc)
     }
 
 
@@ -60,17 +61,21 @@ def parse_split(text: str) -> tuple[float, ...]:
 
 
 def check_devices(backend: str, devices: Sequence[int],
-                  tensor_split: Sequence[float] | None = None) -> None:
-    """Refuse a device list (and split) a worker cannot run: one rule for argv and the worker."""
+                  tensor_split: Sequence[float] | None = None, n_rpc: int = 0) -> None:
+    """Refuse a device list (and split) a worker cannot run: one rule for argv and the worker.
+
+    `n_rpc` lenders (rbee_common.rpc) come first in the split, before the local devices."""
     if not devices or any(d < 0 for d in devices) or len(set(devices)) != len(devices):
         raise UsageError(f"devices {list(devices)}: give distinct device indexes (0, 1, ...)")
     if len(devices) > 1 and not is_gpu(backend):
         raise UsageError(f"a {backend} worker runs on one device, not {len(devices)}",
                          hint="Give one --device, or a GPU backend to split a model.")
     if tensor_split is not None:
-        if len(tensor_split) != len(devices):
-            raise UsageError(f"--tensor-split has {len(tensor_split)} shares for "
-                             f"{len(devices)} devices", hint="Give one share per device.")
+        if len(tensor_split) != n_rpc + len(devices):
+            what = f"{n_rpc} lender(s) and {len(devices)} device(s)" if n_rpc else \
+                f"{len(devices)} devices"
+            raise UsageError(f"--tensor-split has {len(tensor_split)} shares for {what}",
+                             hint="Give one share per device, the --rpc lenders first.")
         if not all(0 < share < math.inf for share in tensor_split):
             raise UsageError("every --tensor-split share must be above 0 (every device listed "
                              "holds part of the model)")
@@ -78,13 +83,15 @@ def check_devices(backend: str, devices: Sequence[int],
 
 def worker_argv(*, model_path: str, backend: str, device: int | Sequence[int], port: int,
                 host: str, worker_id: str, ctx: int, model_id: str, threads: int | None = None,
-                tensor_split: Sequence[float] | None = None) -> list[str]:
+                tensor_split: Sequence[float] | None = None,
+                rpc: Sequence[str] = ()) -> list[str]:
     """The worker's command line: an explicit argument list, never a shell string.
 
     Several devices (a GPU worker with llama.cpp's layer split) go as `--device 0,1`, with
-    `--tensor-split` when the model is not split evenly between them."""
+    `--tensor-split` when the model is not split evenly between them; RPC lenders it borrows
+    memory from as `--rpc HOST:PORT,HOST:PORT` (their shares first in the split)."""
     devices = device_list(device)
-    check_devices(backend, devices, tensor_split)
+    check_devices(backend, devices, tensor_split, len(rpc))
     script = Path(sys.executable).parent / "llm-worker-rbee"
     head = [str(script)] if script.exists() else [sys.executable, "-m", "worker"]
     if not script.exists() and shutil.which("llm-worker-rbee"):
@@ -94,6 +101,8 @@ def worker_argv(*, model_path: str, backend: str, device: int | Sequence[int], p
             "--worker-id", worker_id, "--ctx", str(ctx), "--model-id", model_id]
     if threads:
         argv += ["--threads", str(threads)]
+    if rpc:
+        argv += ["--rpc", ",".join(rpc)]
     if tensor_split is not None:
         argv += ["--tensor-split", ",".join(map(repr, map(float, tensor_split)))]
     return argv
@@ -107,7 +116,7 @@ _ENV_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
     "LD_LIBRARY_PATH", "LD_PRELOAD", "DYLD_LIBRARY_PATH", "DYLD_FALLBACK_LIBRARY_PATH",
     "VIRTUAL_ENV", "CONDA_PREFIX",
-    "RBEE_WORKER_THREADS", "RBEE_LLAMA_EXTRA_BUFTS", "RBEE_DEBUG",
+    "RBEE_WORKER_THREADS", "RBEE_LLAMA_EXTRA_BUFTS", "RBEE_DEBUG", "RBEE_RPC_TIMEOUT",
 })
 _ENV_PREFIXES = (
     "LC_", "PYTHON",

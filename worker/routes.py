@@ -32,6 +32,10 @@ async def health(request: Request) -> Response:
         "backend": s.backend,
         "device": s.device,
         "devices": list(s.devices),
+        "rpc": list(s.rpc),
+        "split": state.engine.split or [  # still loading: the devices, shares unknown
+            {"device": name, "share": None, "bytes": None}
+            for name in [*(f"rpc:{e}" for e in s.rpc), *(f"{s.backend}:{d}" for d in s.devices)]],
         "ctx": s.ctx,
         "vram_bytes": state.vram_bytes(),
         "uptime_s": round(time.monotonic() - state.started, 3),

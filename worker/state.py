@@ -44,6 +44,7 @@ class WorkerSettings:
     devices: tuple[int, ...]  # as rbee-hive numbers them (NVML order), not as CUDA sees them
     ctx: int
     token: str = field(repr=False)
+    rpc: tuple[str, ...] = ()  # RPC lenders holding part of the model (HOST:PORT)
     max_body_bytes: int = MAX_BODY_BYTES
     queue_wait_s: float = field(default_factory=queue_wait_from_env)
     queue_max: int = QUEUE_MAX

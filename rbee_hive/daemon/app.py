@@ -70,6 +70,7 @@ class StartBody(BaseModel):
     bind: str | None = Field(default=None, min_length=1, max_length=255)
     threads: int | None = Field(default=None, ge=1, le=4096)
     tensor_split: list[float] | None = None
+    rpc: list[str] = Field(default_factory=list, max_length=16)
     wait: bool = True
     timeout: float | None = Field(default=None, gt=0, le=86_400)
     token: str | None = Field(default=None, min_length=16, max_length=512)

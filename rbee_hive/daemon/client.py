@@ -110,7 +110,7 @@ class DaemonHive:
               port: int | None = None, ctx: int | None = None, bind: str | None = None,
               wait: bool = True, timeout: float | None = None, token: str | None = None,
               threads: int | None = None, tensor_split: Sequence[float] | None = None,
-              report: Reporter = null_reporter) -> Doc:
+              rpc: Sequence[str] = (), report: Reporter = null_reporter) -> Doc:
         body = {"backend": backend, "model": model,
                 "device": device if isinstance(device, int) else list(device),
                 "tensor_split": list(tensor_split) if tensor_split else None,
@@ -119,6 +119,8 @@ class DaemonHive:
                 "threads": threads, "wait": wait,
                 "timeout": timeout if timeout is not None else _env_float("RBEE_LOAD_TIMEOUT"),
                 "token": token}
+        if rpc:  # only when asked: a daemon from before RPC lenders refuses unknown fields
+            body["rpc"] = list(rpc)
         return self.api.with_progress("POST", "/v2/workers/start", body, report)
 
     def stop(self, wid: str, grace: float = 10.0) -> Doc:

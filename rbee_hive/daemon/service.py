@@ -39,6 +39,7 @@ class SpawnArgs:
     bind: str | None = None
     threads: int | None = None
     tensor_split: Sequence[float] | None = None
+    rpc: Sequence[str] = ()
     wait: bool = True
     timeout: float | None = None
     token: str | None = None
@@ -109,7 +110,7 @@ class PoolService:
             record = self.local.spawn(args.backend, args.model, device=args.device,
                                       port=args.port, ctx=args.ctx, bind=args.bind, wait=False,
                                       token=args.token, threads=args.threads,
-                                      tensor_split=args.tensor_split)
+                                      tensor_split=args.tensor_split, rpc=args.rpc)
         log.info("worker %s started: %s on %s:%s, port %s, pid %s", record["id"],
                  record["model"], record["backend"], record["device"], record["port"],
                  record["pid"])
