@@ -26,8 +26,8 @@ from typing import Any
 from rbee_common.estimate import DEFAULT_CTX, Estimate, human_bytes, reserve_bytes
 from rbee_common.names import WorkerState, is_gpu
 
-__all__ = ["DEFAULT_CTX", "Fit", "Room", "default_ctx", "fit", "held_bytes", "promised_bytes",
-           "ram_limit", "reserve_bytes", "room_of", "worker_devices"]
+__all__ = ["DEFAULT_CTX", "Fit", "Room", "default_ctx", "fit", "held_bytes", "holders",
+           "promised_bytes", "ram_limit", "reserve_bytes", "room_of", "worker_devices"]
 
 
 def ram_limit() -> int | None:
@@ -72,6 +72,17 @@ def held_bytes(workers: Iterable[Mapping[str, Any]], backend: str, device: int) 
     return sum(_share_on(w, device) for w in workers
                if w.get("state") in (WorkerState.ready, WorkerState.busy)
                and w.get("backend") == backend)
+
+
+def holders(workers: Iterable[Mapping[str, Any]],
+            lenders: Iterable[Mapping[str, Any]] = ()) -> list[Mapping[str, Any]]:
+    """A host's workers, and its RPC lenders as what they hold on their device: a lender is
+    no worker, but the memory it lends is taken (it counts against a `memory_limit`)."""
+    lent = [{"id": lender.get("id"), "backend": lender.get("backend"),
+             "device": lender.get("index"), "state": WorkerState.ready,
+             "estimate_bytes": int(lender.get("memory_bytes") or 0)}
+            for lender in lenders if lender.get("state") in ("ready", "busy")]
+    return [*workers, *lent]
 
 
 @dataclass(frozen=True)

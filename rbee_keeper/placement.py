@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rbee_common.errors import InsufficientRam, InsufficientVram, ModelNotFound, RbeeError
 from rbee_common.estimate import Estimate, estimate, human_bytes
-from rbee_common.fit import Fit, Room, default_ctx, fit, room_of, worker_devices
+from rbee_common.fit import Fit, Room, default_ctx, fit, holders, room_of, worker_devices
 from rbee_common.models import ModelSpec
 from rbee_common.names import GPU_BACKENDS, WorkerState
 from rbee_keeper.errors import NoPlacement
@@ -226,7 +226,7 @@ def _host_candidates(name: str, status: dict[str, Any], need: ModelNeed, c: Cons
     if not has_model and not need.downloadable:
         rejected.append(Rejection(name, None, None, f"has no model {need.id!r}"))
         return []
-    workers = status.get("workers", [])
+    workers = holders(status.get("workers", []), status.get("lenders", []))
     reserve = status.get("reserve_bytes")  # the host's own setting, as it reported it
     wanted = c.devices()
     out: list[Candidate] = []

@@ -117,7 +117,7 @@ class SplitRun:
                 states = {lender["id"]: lender.get("state") for lender in hive.lenders()}
             except Exception:  # its host cannot be asked: count it as lost
                 states = {}
-            if states.get(record["id"]) != "ready":
+            if states.get(record["id"]) not in ("ready", "busy"):  # busy: serving the worker
                 gone.append(f"{hive.host.name} {record['id']} ({record.get('device')})")
         return gone
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from rbee_common.errors import RbeeError
 from rbee_common.estimate import Estimate, human_bytes
-from rbee_common.fit import Room, fit, room_of
+from rbee_common.fit import Room, fit, holders, room_of
 from rbee_common.names import GPU_BACKENDS
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def host_rooms(name: str, status: Mapping[str, Any], need: ModelNeed, backend: s
     if rpc and not rpc.get("available", True):
         return None, f"no RPC: {rpc.get('reason') or 'its llama-cpp-python lacks it'}"
     backends = {b["name"]: b for b in status.get("backends", [])}
-    workers = status.get("workers", [])
+    workers = holders(status.get("workers", []), status.get("lenders", []))
     reserve = status.get("reserve_bytes")
     by_backend: dict[str, list[Room]] = {}
     for dev in status.get("devices", []):

@@ -326,3 +326,17 @@ def test_the_queen_does_not_split_until_it_can_hold_the_tunnels() -> None:
     statuses = {"a": host(("cuda", 0, 16 * GiB)), "b": host(("cuda", 0, 16 * GiB))}
     with pytest.raises(InsufficientVram):
         place(statuses, need(20 * GiB), Constraints(auto_split=False))
+
+
+def test_memory_a_host_lends_over_rpc_counts_against_its_cap() -> None:
+    capped = host(("cpu", 0, 64 * GiB))
+    capped["devices"][0]["memory_limit"] = 4 * GiB
+    est = need(2 * GiB)
+    assert place({"a": capped}, est, Constraints()).chosen.host == "a"
+    capped["lenders"] = [{"id": "rpc-cpu0-1", "backend": "cpu", "index": 0, "state": "busy",
+                          "memory_bytes": 3 * GiB}]
+    with pytest.raises(InsufficientRam) as e:  # 3 of its 4 GiB are lent to another host
+        place({"a": capped}, est, Constraints())
+    assert "1.0 GiB available" in e.value.message
+    capped["lenders"][0]["state"] = "dead"  # a dead lender holds nothing
+    assert place({"a": capped}, est, Constraints()).chosen.host == "a"
