@@ -1,7 +1,8 @@
 """One model split across a worker and an RPC lender on loopback, against the same model on
 the worker alone, side by side in one run: tokens/s and time to first token (each worker's
 /execute read by rbee's own client), load time (the worker's own figure from its log, and
-spawn until ready), and what a lender's --cache-dir saves on the next load (llama.cpp caches
+spawn until ready), the same through the controller's tunnel relay, and what a lender's
+--cache-dir saves on the next load (llama.cpp caches
 tensors over 10 MiB, so only a realistic model gains).
 
 Models: the tiny test model, and a realistic one: --model PATH, else TinyLlama 1.1B's layer
@@ -84,6 +85,17 @@ def one_model(model: Path, args: Any) -> dict[str, Any]:
         again, took2, load2 = spawn(box, args, "--rpc", lender["endpoint"])
         split = summary(runs, [load, load2], [took, took2])
         box.run("rbee-hive", "worker", "stop", again["id"])
+
+        # the same lender through the controller's relay (rbee_keeper.tunnel, what a split
+        # across hosts goes through; here both ends are local sockets, so SSH's own
+        # encryption is not in the figure)
+        from rbee_keeper.tunnel import LocalSide, Tunnels
+
+        with Tunnels() as tunnels:
+            port = tunnels.forward(LocalSide("worker"), LocalSide("lender"), lender["port"])
+            rec, took, load = spawn(box, args, "--rpc", f"127.0.0.1:{port}")
+            relayed = summary(generate(box, rec, args), [load], [took])
+            box.run("rbee-hive", "worker", "stop", rec["id"])
         box.run("rbee-hive", "rpc", "stop", lender["id"])
 
         # through a lender with a cache dir: the first load fills it, the next reads it
@@ -99,7 +111,7 @@ def one_model(model: Path, args: Any) -> dict[str, Any]:
     return {
         "model": model.name, "size_bytes": model.stat().st_size,
         "split": split_rec["split"], "local": local, "split_uncached": split,
-        "split_cached": cached,
+        "split_cached": cached, "split_relayed": relayed,
         "same_greedy_text": runs[0]["text"] == local_runs[0]["text"],
         "ratios": {
             "split_vs_local_tokens_per_sec": ratio(split["tokens_per_sec"],
@@ -107,6 +119,9 @@ def one_model(model: Path, args: Any) -> dict[str, Any]:
             "split_vs_local_ttft": ratio(split["ttft_ms"], local["ttft_ms"]),
             "split_vs_local_load": ratio(split["load_ms"][0], local["load_ms"][0]),
             "cached_vs_uncached_next_load": ratio(cached["load_ms"][1], split["load_ms"][1]),
+            "relayed_vs_direct_tokens_per_sec": ratio(relayed["tokens_per_sec"],
+                                                      split["tokens_per_sec"]),
+            "relayed_vs_direct_load": ratio(relayed["load_ms"][0], split["load_ms"][0]),
         },
     }
 

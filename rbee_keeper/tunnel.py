@@ -59,11 +59,19 @@ def pump(a: Conn, b: Conn, name: str) -> None:
         finally:
             done.set()
             for c in (src, dst):
-                with contextlib.suppress(Exception):
-                    c.close()
+                _end(c)
 
     for src, dst in ((a, b), (b, a)):
         threading.Thread(target=one, args=(src, dst), name=name, daemon=True).start()
+
+
+def _end(conn: Conn) -> None:
+    """Close a connection so that its peer sees the end now: shutdown first (close() alone
+    leaves a socket that another thread blocks on in recv() open, and the lender busy)."""
+    with contextlib.suppress(Exception):
+        conn.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):
+        conn.close()
 
 
 class Side(Protocol):
@@ -202,8 +210,7 @@ class Tunnels:
             with contextlib.suppress(Exception):
                 fn()
         for c in conns:
-            with contextlib.suppress(Exception):
-                c.close()
+            _end(c)
 
     def __enter__(self) -> Tunnels:
         return self

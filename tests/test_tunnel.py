@@ -27,6 +27,7 @@ class Echo:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.conns: list[socket.socket] = []
+        self.ended = threading.Semaphore(0)
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -38,11 +39,11 @@ class Echo:
             self.conns.append(conn)
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
+    def _echo(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
             while data := conn.recv(65536):
                 conn.sendall(data)
+        self.ended.release()  # the client's end reached the server
 
     def close(self) -> None:
         """Go away as a killed process would: every connection ends at once."""
@@ -120,3 +121,21 @@ def test_a_lender_that_goes_away_closes_the_borrowers_connection(ssh_pool: SshPo
             assert s.recv(16) == b"ping"
             echo.close()  # the lender dies
             assert s.recv(16) == b""  # the worker sees the end, not a hang
+
+
+@pytest.mark.parametrize("ends", ["ssh→local", "local→local", "ssh→ssh"])
+def test_a_borrower_that_hangs_up_frees_the_lender_at_once(ssh_pool: SshPool, echo: Echo,
+                                                           ends: str) -> None:
+    # a lender serves one client at a time: a connection the relay keeps open after the
+    # worker (or a handshake) left would make it refuse the next one as busy
+    ssh_pool.start(2)
+    hosts = select(["h1", "h2"])
+    with Session() as session, Tunnels() as tunnels:
+        h1, h2 = side_of(session.hive(hosts["h1"])), side_of(session.hive(hosts["h2"]))
+        borrower, lender = {"ssh→local": (h1, LocalSide("here")),
+                            "local→local": (LocalSide("a"), LocalSide("b")),
+                            "ssh→ssh": (h1, h2)}[ends]
+        port = tunnels.forward(borrower, lender, echo.port)
+        for _ in range(3):
+            assert roundtrip(port, b"hello") == b"hello"
+            assert echo.ended.acquire(timeout=5), "the lender still holds the connection"
