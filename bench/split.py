@@ -10,7 +10,7 @@ shape (tests/tinymodel.REALISTIC) cut to --layers layers in F16, written here. E
 gets --threads threads (default 1: worker and lender share this machine's cores). --quick is
 the CI smoke: the tiny model only, briefly.
 
-    python bench/split.py [--model PATH.gguf] [--layers 4] [--max-tokens 64] [--runs 3]
+    python bench/split.py [--model PATH.gguf] [--layers 4] [--max-tokens 64] [--runs 3] [--ssh]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from _common import Sandbox, emit, median, parser, ratio
+from _common import BIN, Sandbox, emit, median, parser, ratio
 
 PROMPT = "The capital of France is"
 _LOADED = re.compile(r"the model took ([\d.]+) s to load")
@@ -126,12 +126,74 @@ def one_model(model: Path, args: Any) -> dict[str, Any]:
     }
 
 
+def over_ssh(model: Path, args: Any) -> dict[str, Any]:
+    """`rbee infer --split h1,h2` against `rbee infer --host h1` on two loopback sshd hosts:
+    the whole path (lender started over SSH, tunnelled through this controller, the worker
+    loading through the tunnel), and with --insecure-rpc (no tunnel); all cold every run (a
+    split worker ends with its job)."""
+    import os
+
+    from tests.hubserver import HubServer
+    from tests.sshd import SshLab
+
+    hub = HubServer().start()
+    try:
+        with Sandbox() as box:
+            hub.add_repo_file("bench/Model-GGUF", "model.gguf", model.read_bytes())
+            box.env["HF_ENDPOINT"] = os.environ["HF_ENDPOINT"] = hub.url
+            (box.root / "config" / "catalog.toml").write_text(
+                '[[models]]\nid = "bench"\nname = "bench"\n'
+                'source = "hf:bench/Model-GGUF/model.gguf"\n')
+            lab = SshLab(box.root, box.root / "home", box.root / "config" / "hosts.toml",
+                         str(BIN / "rbee-hive"))
+            box.defer(lab.close)
+            h1 = lab.start(2)[0]
+            infer = ["rbee", "infer", "--model", "bench", "--prompt", PROMPT, "--max-tokens",
+                     str(args.max_tokens), "--temperature", "0", "--ctx", "2048"]
+            box.json(*infer, "--host", "h1")  # the download, once
+            rows: dict[str, list[dict[str, Any]]] = {"single": [], "split": [], "direct": []}
+            kinds = (("single", ["--host", "h1"]), ("split", ["--split", "h1,h2"]),
+                     ("direct", ["--split", "h1,h2", "--insecure-rpc"]))
+            for _ in range(args.runs):
+                for kind, extra in kinds:
+                    box.run("rbee-hive", "worker", "stop", "--all",
+                            RBEE_HOME=str(lab.rbee_home(h1)))
+                    (box.root / "config" / "workers.json").unlink(missing_ok=True)
+                    t0 = time.perf_counter()
+                    doc = box.json(*infer, *extra)
+                    t = doc["timings"]
+                    rows[kind].append({"wall_ms": (time.perf_counter() - t0) * 1000,
+                                       "spawn_ms": t.get("spawn_ms", 0.0),
+                                       "ttft_ms": t["ttft_ms"],
+                                       "tokens_per_sec": t["tokens_per_sec"],
+                                       "text": doc["text"]})
+    finally:
+        hub.stop()
+    m = {k: {f: median([r[f] for r in v]) for f in ("wall_ms", "spawn_ms", "ttft_ms",
+                                                      "tokens_per_sec")}
+         for k, v in rows.items()}
+    return {"model": model.name, "runs": args.runs, **m,
+            "same_greedy_text": rows["split"][0]["text"] == rows["single"][0]["text"],
+            "ratios": {"split_vs_single_tokens_per_sec": ratio(m["split"]["tokens_per_sec"],
+                                                               m["single"]["tokens_per_sec"]),
+                       "split_vs_single_spawn": ratio(m["split"]["spawn_ms"],
+                                                      m["single"]["spawn_ms"]),
+                       "split_vs_single_wall": ratio(m["split"]["wall_ms"],
+                                                     m["single"]["wall_ms"]),
+                       "direct_vs_single_tokens_per_sec": ratio(
+                           m["direct"]["tokens_per_sec"], m["single"]["tokens_per_sec"]),
+                       "direct_vs_single_spawn": ratio(m["direct"]["spawn_ms"],
+                                                       m["single"]["spawn_ms"])}}
+
+
 def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--layers", type=int, default=4, help="layers of the realistic model")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3, choices=range(1, 101), metavar="N")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ssh", action="store_true",
+                   help="also the whole `rbee infer --split` path over two loopback sshd hosts")
     args = p.parse_args()
     if args.quick:
         args.runs, args.max_tokens = 1, 16
@@ -151,8 +213,9 @@ def main() -> None:
             shape = replace(REALISTIC, n_layers=args.layers)
             models.append(write_model(scratch.root / f"realistic-{args.layers}l.gguf", shape))
         results = {m.stem: one_model(m, args) for m in models}
+        ssh = {m.stem: over_ssh(m, args) for m in models} if args.ssh else None
     emit({"benchmark": "split", "threads": args.threads, "max_tokens": args.max_tokens,
-          "prompt": PROMPT, "models": results}, args.out)
+          "prompt": PROMPT, "models": results, "over_ssh": ssh}, args.out)
 
 
 if __name__ == "__main__":

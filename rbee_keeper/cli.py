@@ -59,6 +59,11 @@ def infer(
     split: Annotated[str | None, typer.Option(
         metavar="HOST,HOST", help="One model across these hosts (llama.cpp RPC over SSH); "
                                   "the first runs the worker.")] = None,
+    insecure_rpc: Annotated[bool, typer.Option(
+        "--insecure-rpc", help="A split's lenders listen on their hosts' addresses and the "
+                               "worker reaches them directly: faster than SSH tunnels, but "
+                               "unauthenticated and unencrypted (a trusted LAN only).")]
+    = False,
     accept_new_host_key: AcceptNewOpt = False,
     fmt: FormatOpt = Format.text,
 ) -> None:
@@ -81,7 +86,8 @@ def infer(
         model=model, prompt=text, hosts=tuple(host or ()), backend=backend,
         device=parse_devices(device),
         ctx=ctx, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        seed=seed, stop=tuple(stop or ()), split=split_hosts(split, host, device))
+        seed=seed, stop=tuple(stop or ()), split=split_hosts(split, host, device),
+        insecure_rpc=insecure_rpc)
     with TokenSink(fmt) as on_text, reporting(fmt) as report:
         if infer_mod.uses_queen():
             doc = infer_mod.run_via_queen(req, on_text, report)

@@ -99,8 +99,10 @@ class HiveClient(Protocol):
         """Any other `rbee-hive` command (`rbee pool <command> --host NAME`); its result."""
         ...
 
-    def lend(self, device: str, *, cache_dir: str | None = None) -> Doc:
-        """Start an RPC lender of one device (`cpu:0`, `cuda:1`) on the host's loopback."""
+    def lend(self, device: str, *, cache_dir: str | None = None,
+             bind: str | None = None) -> Doc:
+        """Start an RPC lender of one device (`cpu:0`, `cuda:1`) on the host's loopback (or,
+        with `bind`, on that address: unauthenticated, the user's explicit choice)."""
         ...
 
     def lenders(self) -> list[Doc]:
@@ -163,10 +165,13 @@ class CommandHive:
     def stop(self, worker_id: str, timeout: float | None = None) -> Doc:
         return self._call(["worker", "stop", worker_id], timeout=timeout)
 
-    def lend(self, device: str, *, cache_dir: str | None = None) -> Doc:
+    def lend(self, device: str, *, cache_dir: str | None = None,
+             bind: str | None = None) -> Doc:
         args = ["rpc", "start", "--device", device]
         if cache_dir:
             args += ["--cache-dir", cache_dir]
+        if bind:
+            args += ["--bind", bind, "--insecure"]
         return self._call(args)
 
     def lenders(self) -> list[Doc]:
@@ -346,8 +351,9 @@ class RoutedHive:
 
     # lenders are started and stopped over the command transport: the pool daemon does not
     # manage them (their tunnels ride on this controller's SSH connection anyway)
-    def lend(self, device: str, *, cache_dir: str | None = None) -> Doc:
-        return self.command_hive.lend(device, cache_dir=cache_dir)
+    def lend(self, device: str, *, cache_dir: str | None = None,
+             bind: str | None = None) -> Doc:
+        return self.command_hive.lend(device, cache_dir=cache_dir, bind=bind)
 
     def lenders(self) -> list[Doc]:
         return self.command_hive.lenders()

@@ -67,6 +67,7 @@ class InferRequest:
     busy_wait: float = 30.0
     status_timeout: float = 20.0
     split: tuple[str, ...] = ()  # one model across these hosts (llama.cpp RPC), first runs it
+    insecure_rpc: bool = False  # lenders on the LAN, reached directly rather than over SSH
 
     def body(self, job_id: str) -> dict[str, Any]:
         return {"job_id": job_id, "prompt": self.prompt, "max_tokens": self.max_tokens,
@@ -224,7 +225,7 @@ def provision(choice: Choice, req: InferRequest, ctx: Context) -> cache.KnownWor
                 chosen.split, hives, SpawnRequest(chosen.backend, spec.id, chosen.devices,
                                                   ctx=placement.ctx,
                                                   tensor_split=chosen.tensor_split),
-                req.model, ctx.report)
+                req.model, ctx.report, direct=req.insecure_rpc)
     with ctx.timed("spawn_ms"):
         split = chosen.tensor_split if len(chosen.devices) > 1 else None
         return prov.start_worker(hive, SpawnRequest(chosen.backend, spec.id, chosen.devices,
@@ -387,11 +388,13 @@ def run_via_queen(req: InferRequest, on_text: Callable[[str], None],
     """The same job through the queen (`queen_url` is set): same document, same errors."""
     from rbee_keeper.queen_client import QueenClient, follow, target
 
-    if req.hosts or req.backend or req.device is not None or req.ctx is not None:
+    if (req.hosts or req.backend or req.device is not None or req.ctx is not None
+            or req.split or req.insecure_rpc):
         from rbee_common.errors import UsageError
 
-        raise UsageError("--host, --backend, --device and --ctx are the daemonless path's: the "
-                         "queen places jobs itself",
+        raise UsageError("--host, --backend, --device, --ctx and --split are the daemonless "
+                         "path's: the queen places jobs itself (and does not split a model "
+                         "across hosts yet)",
                          hint="Leave them out, or unset queen_url / RBEE_QUEEN_URL.")
     t0 = time.perf_counter()
     client = QueenClient(target())

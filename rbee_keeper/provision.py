@@ -84,9 +84,12 @@ class SplitRun:
 
     def start(self, split: Any, hives: dict[str, HiveClient], req: SpawnRequest,
               ref: str = "", report: Reporter = null_reporter,
-              cache_dir: str | None = None) -> cache.KnownWorker:
+              cache_dir: str | None = None, direct: bool = False) -> cache.KnownWorker:
         """Start a lender per borrowed device, tunnel each to the primary host, then the
-        worker there with the tunnels as its RPC endpoints. On failure, undo what started."""
+        worker there with the tunnels as its RPC endpoints. `direct`: the lenders listen on
+        their hosts' addresses and the worker connects to them there, without a tunnel
+        (faster; llama.cpp's RPC has no authentication: for a network the user trusts).
+        On failure, undo what started."""
         from rbee_keeper.tunnel import side_of
 
         try:
@@ -96,10 +99,16 @@ class SplitRun:
                 hive = hives[share.host]
                 report({"event": "log", "message": f"rbee: lending {share.label} "
                         f"({share.fraction:.0%} of the model) to {self.primary.host.name}"})
-                record = hive.lend(f"{share.backend}:{share.index}", cache_dir=cache_dir)
-                self.lenders.append((hive, record))
-                port = self.tunnels.forward(near, side_of(hive), int(record["port"]))
-                end = f"127.0.0.1:{port}"
+                device = f"{share.backend}:{share.index}"
+                if direct:
+                    record = hive.lend(device, cache_dir=cache_dir, bind=hive.host.worker_bind())
+                    self.lenders.append((hive, record))
+                    end = f"{hive.host.worker_address()}:{record['port']}"
+                else:
+                    record = hive.lend(device, cache_dir=cache_dir)
+                    self.lenders.append((hive, record))
+                    port = self.tunnels.forward(near, side_of(hive), int(record["port"]))
+                    end = f"127.0.0.1:{port}"
                 self.endpoints[end] = (share.host, record)
                 ends.append(end)
             record, token = spawn_worker(self.primary, replace(req, rpc=tuple(ends)), report)

@@ -89,6 +89,57 @@ def test_a_split_gives_the_unsplit_greedy_text_and_names_both_hosts(
     nothing_left(h1, h2)
 
 
+@pytest.fixture(scope="session")
+def q4_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The tiny model four layers deep with Q4_0 matrices (llama.cpp's quantised kernels,
+    and quantised tensors sent to the lender)."""
+    from tests.tinymodel import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("q4") / "q4.gguf", quant="Q4_0",
+                            n_layers=4).read_bytes()
+
+
+def test_a_quantised_model_split_gives_the_unsplit_greedy_text(
+        ssh_pool: SshPool, rbee_env: Any, hub: HubServer, q4_bytes: bytes) -> None:
+    hub.add_repo_file("rbee-test/Q4-GGUF", "q4.gguf", q4_bytes)
+    (rbee_env.config / "catalog.toml").write_text(
+        '[[models]]\nid = "q4"\nname = "Q4"\nsource = "hf:rbee-test/Q4-GGUF/q4.gguf"\n')
+    h1, h2 = ssh_pool.start(2)
+    alone = infer("--model", "q4", "--prompt", "Hello", "--max-tokens", "32", "--host", "h2")
+    run("rbee", "workers", "stop", "--all")
+    split = infer("--model", "q4", "--prompt", "Hello", "--max-tokens", "32",
+                  "--split", "h2,h1")
+    assert split["text"] == alone["text"] and split["tokens"] == 32
+    assert split["placement"]["chosen"]["split"]["hosts"] == ["h2", "h1"]
+    nothing_left(h1, h2)
+
+
+def test_insecure_rpc_lends_on_the_hosts_address_and_skips_the_tunnel(
+        ssh_pool: SshPool, catalog: str) -> None:
+    h1, h2 = ssh_pool.start(2)
+    r = popen("rbee", "infer", "--model", catalog, "--prompt", "Hello", "--max-tokens",
+              "100000", "--temperature", "0", "--split", "h1,h2", "--insecure-rpc",
+              "--format", "ndjson")
+    try:
+        assert r.stdout is not None
+        for line in r.stdout:
+            if json.loads(line).get("event") == "token":
+                break
+        (lender,) = hive(h2, "rpc", "list")["lenders"]
+        (worker,) = hive(h1, "worker", "list")["workers"]
+    finally:
+        r.kill()
+        r.wait()
+    # (a 127.0.0.x address is still loopback to the hive, so it does not mark it insecure)
+    assert lender["endpoint"] == f"{h2.sshd.address}:{lender['port']}"  # on the LAN side
+    assert worker["rpc"] == [lender["endpoint"]]  # reached directly, not through 127.0.0.1
+    run("rbee", "workers", "stop", "--all")
+    doc = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "8",
+                "--split", "h1,h2", "--insecure-rpc")
+    assert doc["text"] == "pqrstuvw"
+    nothing_left(h1, h2)
+
+
 def test_a_model_neither_host_holds_alone_is_split_on_its_own(ssh_pool: SshPool,
                                                                catalog: str) -> None:
     ssh_pool.start(1)  # h1: learn the estimate (a long context: its KV cache is 8 MiB)
