@@ -54,7 +54,9 @@ def render_pool_status(doc: Doc) -> None:
             continue
         st = h["status"]
         workers = st["workers"]
-        summary = ", ".join(f"{w['id']} {w['state']} ({w['model']})" for w in workers) or "-"
+        summary = ", ".join([*(f"{w['id']} {w['state']} ({w['model']})" for w in workers),
+                             *(f"{r['id']} {r['state']} (lends {r['device']})"
+                               for r in st.get("lenders", []))]) or "-"
         t.add_row(cell(h["name"]), cell("ok", "green"), cell(_devices(st)),
                   cell(", ".join(m["id"] for m in st["models"]) or "-"), cell(summary), took)
     con.print(t)

@@ -127,6 +127,8 @@ def test_insecure_rpc_lends_on_the_hosts_address_and_skips_the_tunnel(
                 break
         (lender,) = hive(h2, "rpc", "list")["lenders"]
         (worker,) = hive(h1, "worker", "list")["workers"]
+        pool = run("rbee", "pool", "status")  # the lender shows beside the workers
+        assert pool.returncode == 0 and f"{lender['id']} busy (lends cpu:0)" in pool.stdout, pool
     finally:
         r.kill()
         r.wait()
