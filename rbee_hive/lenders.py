@@ -45,7 +45,7 @@ from rbee_hive.errors import (
 )
 from rbee_hive.process import find_worker, pid_alive, terminate
 from rbee_hive.registry import Registry
-from rbee_hive.worker_logs import error_from_log, log_tail
+from rbee_hive.worker_logs import error_from_log, log_tail, raise_if_exited
 
 log = logging.getLogger("rbee.hive.lenders")
 
@@ -225,14 +225,9 @@ def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, tim
             "message": f"Starting lender {lid} on {record['device']} at {record['endpoint']}"})
     started = time.monotonic()
     while True:
-        code = proc.poll() if proc is not None else (
-            None if pid_alive(record["pid"], lid) else -1)
-        if code is not None:
-            err = error_from_log(reg.log_path(lid)) or LenderCrashed(
-                f"lender {lid} exited with status {code} while starting",
-                hint=lender_hint(lid), log_tail=log_tail(reg.log_path(lid)))
-            reg.update(lid, state=schemas.ERROR, message=err.message, exit_code=code)
-            raise err
+        raise_if_exited(reg, record, proc, lambda code, tail: LenderCrashed(
+            f"lender {lid} exited with status {code} while starting",
+            hint=lender_hint(lid), log_tail=tail))
         try:
             info = handshake(record["endpoint"], timeout=1.0)
         except LenderBusy:  # a borrower took it the moment it listened: it is up

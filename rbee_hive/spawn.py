@@ -38,7 +38,7 @@ from rbee_hive.ports import pick_port, port_lock, reserve, reserved_ports
 from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
 from rbee_hive.registry import Registry
 from rbee_hive.store import ModelStore
-from rbee_hive.worker_logs import error_from_log, log_tail
+from rbee_hive.worker_logs import log_tail, raise_if_exited
 from worker.errors import BackendUnavailable
 from worker.launch import worker_argv, worker_env
 
@@ -319,14 +319,9 @@ def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, tim
             "message": f"Loading {record['model']} on {record['backend']}:{record['device']}"})
     started = time.monotonic()
     while True:
-        code = proc.poll() if proc is not None else (
-            None if pid_alive(record["pid"], wid) else -1)
-        if code is not None:
-            err = error_from_log(reg.log_path(wid)) or WorkerCrashed(
-                f"worker {wid} exited with status {code} while loading",
-                hint=crashed_hint(wid), log_tail=log_tail(reg.log_path(wid)))
-            reg.update(wid, state=schemas.ERROR, message=err.message, exit_code=code)
-            raise err
+        raise_if_exited(reg, record, proc, lambda code, tail: WorkerCrashed(
+            f"worker {wid} exited with status {code} while loading",
+            hint=crashed_hint(wid), log_tail=tail))
         health = http_health(record["host"], record["port"], timeout=1.0)
         if health is not None and health.get("worker_id") != wid:
             health = None  # another program's server on the port: ours failed to bind it

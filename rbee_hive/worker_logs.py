@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from rbee_common.errors import RbeeError, RemoteError
+from rbee_hive import schemas
 from rbee_hive.process import pid_alive
 from rbee_hive.registry import Registry
 from worker.protocol import ERROR_LINE_PREFIX
@@ -48,3 +51,18 @@ def follow_log(wid: str, lines: int, follow: bool) -> Iterator[str]:
     record = reg.get(wid)
     alive = (lambda: pid_alive(record["pid"], wid)) if follow else None
     yield from follow_file(reg.log_path(wid), lines, alive)
+
+
+def raise_if_exited(reg: Registry, record: dict[str, Any], proc: subprocess.Popen[bytes] | None,
+                    crashed: Callable[[int, list[str]], RbeeError]) -> None:
+    """A worker or lender process that exited while starting: raise the coded error it wrote
+    in its log (else `crashed(status, log tail)`), recorded as its record's state."""
+    rid = record["id"]
+    code = proc.poll() if proc is not None else (
+        None if pid_alive(record["pid"], rid) else -1)
+    if code is None:
+        return
+    path = reg.log_path(rid)
+    err = error_from_log(path) or crashed(code, log_tail(path))
+    reg.update(rid, state=schemas.ERROR, message=err.message, exit_code=code)
+    raise err
