@@ -63,19 +63,36 @@ def expected_text(n: int) -> str:
     return (CYCLE * (n // len(CYCLE) + 2))[start:start + n]
 
 
-def inprocess_loads(model: Path, args: Any) -> list[float]:
+def load_once(model: Path, backend: str, gpu_layers: int, ctx: int, threads: int) -> float:
+    """One llama-cpp-python load in this process, in ms (the baseline for spawn-to-ready)."""
     import llama_cpp
 
     from worker.engine import extra_buffer_types_wanted, model_params
 
+    t0 = time.perf_counter()
+    with model_params(use_extra_bufts=extra_buffer_types_wanted(backend)):
+        # verbose: llama-cpp-python's quiet mode points fd 2 at /dev/null during the load,
+        # which would hide a crash's faulthandler traceback
+        llm = llama_cpp.Llama(str(model), n_ctx=ctx, n_gpu_layers=gpu_layers,
+                              n_threads=threads, verbose=True)
+    took = (time.perf_counter() - t0) * 1000
+    llm.close()
+    return took
+
+
+def inprocess_loads(model: Path, args: Any) -> list[float]:
+    """Each load in a fresh process (as a worker's is): one that crashes is reported with its
+    traceback and log, not taken for the benchmark's own crash."""
     loads = []
     for _ in range(args.runs):
-        t0 = time.perf_counter()
-        with model_params(use_extra_bufts=extra_buffer_types_wanted(args.backend)):
-            llm = llama_cpp.Llama(str(model), n_ctx=args.ctx, n_gpu_layers=args.gpu_layers,
-                                  n_threads=args.threads, verbose=False)
-        loads.append((time.perf_counter() - t0) * 1000)
-        llm.close()
+        r = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--load-once",
+                            str(model), "--backend", args.backend, "--gpu-layers",
+                            str(args.gpu_layers), "--ctx", str(args.ctx), "--threads",
+                            str(args.threads)], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            tail = "\n".join((r.stderr or "").splitlines()[-40:])
+            raise RuntimeError(f"the in-process load exited with {r.returncode}:\n{tail}")
+        loads.append(float(r.stdout.strip().splitlines()[-1]))
     return loads
 
 
@@ -170,7 +187,24 @@ def side_by_side(box: Sandbox, model: Path, rec: dict[str, Any], args: Any) -> d
             for name, rs in runs.items()}
 
 
+def load_once_main(argv: list[str]) -> None:
+    """`bench/gpu.py --load-once MODEL …`: the child of `inprocess_loads`; prints ms."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("model", type=Path)
+    p.add_argument("--backend", required=True)
+    p.add_argument("--gpu-layers", type=int, required=True)
+    p.add_argument("--ctx", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    a = p.parse_args(argv)
+    print(load_once(a.model, a.backend, a.gpu_layers, a.ctx, a.threads))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--load-once"]:
+        load_once_main(sys.argv[2:])
+        return
     p = parser(__doc__ or "")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU (use fewer --layers)")
     p.add_argument("--layers", type=int,
