@@ -124,32 +124,36 @@ class HostRooms:
 
 
 def host_rooms(name: str, status: Mapping[str, Any], need: ModelNeed, backend: str | None,
-               est: Estimate) -> tuple[HostRooms | None, str]:
-    """A host's usable devices for a split (its GPUs of one backend, else its CPU), or why
-    it has none."""
+               est: Estimate) -> tuple[HostRooms | None, str, str | None]:
+    """A host's usable devices for a split (its GPUs of one backend, else its CPU); or why
+    it has none, and the backend whose memory is short when that is why."""
     rpc = status.get("rpc") or {}
     if rpc and not rpc.get("available", True):
-        return None, f"no RPC: {rpc.get('reason') or 'its llama-cpp-python lacks it'}"
+        return None, f"no RPC: {rpc.get('reason') or 'its llama-cpp-python lacks it'}", None
     backends = {b["name"]: b for b in status.get("backends", [])}
     workers = holders(status.get("workers", []), status.get("lenders", []))
     reserve = status.get("reserve_bytes")
     by_backend: dict[str, list[Room]] = {}
+    short: set[str] = set()
     for dev in status.get("devices", []):
         b = dev["backend"]
         if not backends.get(b, {}).get("available") or (backend and b != backend):
             continue
         room = room_of(dev, workers, reserve)
         if room.available is not None and room.available <= est.overhead_bytes:
-            continue  # too little to hold even its own compute buffers
+            short.add(b)  # too little to hold even its own compute buffers
+            continue
         by_backend.setdefault(b, []).append(room)
     gpus = [b for b in by_backend if b in GPU_BACKENDS]
     chosen = max(gpus, key=lambda b: sum(r.available or 0 for r in by_backend[b]),
                  default=None) or ("cpu" if "cpu" in by_backend else None)
     if chosen is None:
-        return None, "no device with room to lend"
+        if short:
+            return None, "no device with room to lend", sorted(short)[0]
+        return None, "no device for the request", None
     has_model = any(need.matches(m) for m in status.get("models", []))
     return HostRooms(name, tuple(by_backend[chosen]), has_model,
-                     has_model or need.downloadable), ""
+                     has_model or need.downloadable), "", None
 
 
 def _plan(primary: HostRooms, lenders: Sequence[HostRooms], est: Estimate) -> Split | None:
@@ -181,11 +185,12 @@ def plan_split(statuses: Mapping[str, dict[str, Any] | RbeeError], need: ModelNe
         status = statuses.get(name)
         if status is None or isinstance(status, RbeeError):
             continue  # already rejected as unreachable
-        rooms, why = host_rooms(name, status, need, c.backend, est)
-        if rooms is None:
-            rejected.append(Rejection(name, None, None, f"split: {why}"))
-        else:
+        rooms, why, short = host_rooms(name, status, need, c.backend, est)
+        if rooms is not None:
             usable[name] = rooms
+        elif short is None or named:  # (short of memory alone: its own rejection says so)
+            rejected.append(Rejection(name, short, None, f"split: {why}",
+                                      memory=short is not None))
     if named:
         if len(usable) < len(named):
             return None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbee_common.errors import RbeeError
+from rbee_common.errors import RbeeError, RemoteError
 from rbee_common.names import PROGRESS_EVENTS
 from rbee_common.progress import Reporter
 from rbee_keeper.errors import (
@@ -425,7 +425,18 @@ class SshTransport:
             raise HostUnreachable(f"{self.host.name}: the SSH connection broke: {e}") from e
         reply.stderr = b"".join(err).decode("utf-8", errors="replace")
         if reply.exit_code == -1 and reply.result is None and reply.error is None:
-            # paramiko's "no exit status": the connection went away while the command ran
+            # paramiko's "no exit status": the connection went away while the command ran,
+            # or the command was killed by a signal (paramiko drops SSH's exit-signal)
+            transport = chan.get_transport()
+            if transport is not None and transport.is_active():
+                tail = " | ".join(reply.stderr.strip().splitlines()[-3:])
+                raise RemoteError(
+                    "REMOTE_KILLED", f"{self.host.name}: {what} ended without an exit status "
+                    f"(killed by a signal?) while the SSH connection stayed up"
+                    + (f"; it said: {tail}" if tail else ""),
+                    hint="Try again; if it repeats, run the same rbee-hive command on the "
+                         f"host by hand (ssh {self.host.name} …) to see why it ends.",
+                    stderr_tail=tail)
             raise HostUnreachable(f"{self.host.name}: the SSH connection broke while {what} "
                                   "was running")
         return reply

@@ -66,10 +66,12 @@ def pump(a: Conn, b: Conn, name: str) -> None:
 
 
 def _end(conn: Conn) -> None:
-    """Close a connection so that its peer sees the end now: shutdown first (close() alone
-    leaves a socket that another thread blocks on in recv() open, and the lender busy)."""
-    with contextlib.suppress(Exception):
-        conn.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+    """Close a connection so that its peer sees the end now: a socket is shut down first
+    (close() alone leaves one that another thread blocks on in recv() open, and the lender
+    busy); an SSH channel's close() sends its EOF and CLOSE itself."""
+    if isinstance(conn, socket.socket):
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(Exception):
         conn.close()
 

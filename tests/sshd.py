@@ -140,7 +140,7 @@ class SshLab:
     def close(self) -> None:
         for sshd in self.sshds:
             home = self.rbee_home(sshd)
-            if (home / "workers").is_dir():
+            if (home / "workers").is_dir() or (home / "lenders").is_dir():  # stops both
                 subprocess.run([str(Path(self.hive).parent / "rbee-hive"), "worker", "stop",
                                 "--all", "--timeout", "3"], capture_output=True,
                                env={**os.environ, "RBEE_HOME": str(home)})

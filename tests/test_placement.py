@@ -340,3 +340,17 @@ def test_memory_a_host_lends_over_rpc_counts_against_its_cap() -> None:
     assert "1.0 GiB available" in e.value.message
     capped["lenders"][0]["state"] = "dead"  # a dead lender holds nothing
     assert place({"a": capped}, est, Constraints()).chosen.host == "a"
+
+
+def test_hosts_with_no_room_at_all_are_short_of_memory_not_unplaceable() -> None:
+    # every device is below the overhead a device pays to join a split: no split is
+    # considered, and the verdict is the memory one, with each host's figures
+    statuses = {"a": host(("cpu", 0, 2 * GiB), reserve=2 * GiB - MiB),
+                "b": host(("cpu", 0, 3 * GiB), reserve=3 * GiB - MiB)}
+    with pytest.raises(InsufficientRam) as e:
+        place(statuses, need(GiB), Constraints())
+    assert [r["host"] for r in e.value.details["rejected"]] == ["a", "b"]
+    with pytest.raises(InsufficientRam) as forced:  # asked for: each host says why
+        place(statuses, need(GiB), Constraints(split=("a", "b")))
+    assert [r["reason"] for r in forced.value.details["rejected"]] == \
+        ["split: no device with room to lend"] * 2

@@ -129,13 +129,15 @@ def test_insecure_rpc_lends_on_the_hosts_address_and_skips_the_tunnel(
         (worker,) = hive(h1, "worker", "list")["workers"]
         pool = run("rbee", "pool", "status")  # the lender shows beside the workers
         assert pool.returncode == 0 and f"{lender['id']} busy (lends cpu:0)" in pool.stdout, pool
+        r.send_signal(signal.SIGINT)  # Ctrl+C: the job ends, and its worker and lender
+        assert r.wait(timeout=60) != 0
     finally:
-        r.kill()
-        r.wait()
+        if r.poll() is None:
+            r.kill()
+    nothing_left(h1, h2)
     # (a 127.0.0.x address is still loopback to the hive, so it does not mark it insecure)
     assert lender["endpoint"] == f"{h2.sshd.address}:{lender['port']}"  # on the LAN side
     assert worker["rpc"] == [lender["endpoint"]]  # reached directly, not through 127.0.0.1
-    run("rbee", "workers", "stop", "--all")
     doc = infer("--model", catalog, "--prompt", "Hello", "--max-tokens", "8",
                 "--split", "h1,h2", "--insecure-rpc")
     assert doc["text"] == "pqrstuvw"

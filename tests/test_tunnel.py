@@ -139,3 +139,4 @@ def test_a_borrower_that_hangs_up_frees_the_lender_at_once(ssh_pool: SshPool, ec
         for _ in range(3):
             assert roundtrip(port, b"hello") == b"hello"
             assert echo.ended.acquire(timeout=5), "the lender still holds the connection"
+
