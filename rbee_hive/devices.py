@@ -129,3 +129,26 @@ def backend_reason(inventory: dict[str, Any], backend: str) -> str | None:
         if b["name"] == backend:
             return None if b["available"] else str(b["reason"])
     return f"unknown backend {backend!r} (cpu, cuda or metal)"
+
+
+def require_devices(inventory: dict[str, Any], backend: str, indexes: list[int],
+                    purpose: str) -> list[dict[str, Any]]:
+    """The inventory entries of these devices of `backend`; BACKEND_UNAVAILABLE (with the
+    devices there are) when the backend cannot run here or a device is not here."""
+    from worker.errors import BackendUnavailable
+
+    reason = backend_reason(inventory, backend)
+    if reason is not None:
+        hint = None if "built without" in reason else (
+            f"See `rbee-hive detect`; {purpose} it lists as available.")
+        raise BackendUnavailable(f"backend {backend!r} is not available on this host: {reason}",
+                                 hint=hint)
+    found = []
+    for index in indexes:
+        dev = find_device(inventory, backend, index)
+        if dev is None:
+            have = ", ".join(f"{d['backend']}:{d['index']}" for d in inventory["devices"])
+            raise BackendUnavailable(f"there is no {backend} device {index} on this host",
+                                     hint=f"Devices here: {have}.")
+        found.append(dev)
+    return found

@@ -117,26 +117,13 @@ def lender_env(backend: str, index: int) -> dict[str, str]:
 
 def _check_device(backend: str, index: int) -> dict[str, Any]:
     """The inventory entry of the device to lend; BACKEND_UNAVAILABLE when there is none."""
-    from rbee_hive.devices import backend_reason, detect, find_device
-    from worker.errors import BackendUnavailable
+    from rbee_hive.devices import detect, require_devices
     from worker.launch import build_backends
 
     if not build_backends()["rpc"]:
         raise RpcUnavailable("this host's llama-cpp-python was built without RPC "
                              "(no libggml-rpc): it cannot lend memory")
-    inventory = detect()
-    reason = backend_reason(inventory, backend)
-    if reason is not None:
-        hint = None if "built without" in reason else (
-            "See `rbee-hive detect`; lend a device it lists as available.")
-        raise BackendUnavailable(f"backend {backend!r} is not available on this host: {reason}",
-                                 hint=hint)
-    dev = find_device(inventory, backend, index)
-    if dev is None:
-        have = ", ".join(f"{d['backend']}:{d['index']}" for d in inventory["devices"])
-        raise BackendUnavailable(f"there is no device {backend}:{index} on this host",
-                                 hint=f"Devices here: {have}.")
-    return dev
+    return require_devices(detect(), backend, [index], "lend a device")[0]
 
 
 def start(device: str, *, port: int | None = None, cache_dir: Path | None = None,

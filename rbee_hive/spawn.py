@@ -18,7 +18,7 @@ from rbee_common.fit import Fit, Room, default_ctx, fit, room_of
 from rbee_common.progress import Reporter, null_reporter
 from rbee_common.rpc import LenderInfo
 from rbee_hive import schemas
-from rbee_hive.devices import backend_reason, detect, find_device
+from rbee_hive.devices import backend_reason, detect, require_devices
 from rbee_hive.errors import (
     InsufficientRam,
     InsufficientVram,
@@ -39,7 +39,6 @@ from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
 from rbee_hive.registry import Registry
 from rbee_hive.store import ModelStore
 from rbee_hive.worker_logs import log_tail, raise_if_exited
-from worker.errors import BackendUnavailable
 from worker.launch import worker_argv, worker_env
 
 log = logging.getLogger("rbee.hive.spawn")
@@ -127,20 +126,7 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
     timeout = timeout or load_timeout()  # a bad RBEE_LOAD_TIMEOUT refuses before any start
     model = ModelStore().require(model_ref)
     inventory = detect()
-    reason = backend_reason(inventory, backend)
-    if reason is not None:
-        hint = None if "built without" in reason else (
-            "See `rbee-hive detect`; choose a backend it lists as available.")
-        raise BackendUnavailable(f"backend {backend!r} is not available on this host: {reason}",
-                                 hint=hint)
-    devs = []
-    for index in devices:
-        dev = find_device(inventory, backend, index)
-        if dev is None:
-            have = ", ".join(f"{d['backend']}:{d['index']}" for d in inventory["devices"])
-            raise BackendUnavailable(f"there is no {backend} device {index} on this host",
-                                     hint=f"Devices here: {have}.")
-        devs.append(dev)
+    devs = require_devices(inventory, backend, devices, "choose a backend")
     lenders = _ask_lenders(rpc, report)
     ctx = ctx or default_ctx(model["gguf"].get("context_length"))
     est = model_estimate(model, ctx)
