@@ -108,11 +108,14 @@ export const jobsPage = {
   },
 };
 
-function cancelButton(job, label = "Cancel") {
+function cancelButton(job, label = "Cancel", then = null) {
   return h("button", { type: "button", class: "small danger", "data-key": `cancel-${job.id}`,
-    "aria-label": `Cancel ${job.id}`, onclick: (e) => act(e.target,
-      () => api(`/v2/tasks/${encodeURIComponent(job.id)}/cancel`, { method: "POST" }),
-      `Cancelling ${job.id}`) }, label);
+    "aria-label": `Cancel ${job.id}`, onclick: async (e) => {
+      const out = await act(e.target,
+        () => api(`/v2/tasks/${encodeURIComponent(job.id)}/cancel`, { method: "POST" }),
+        `Cancelling ${job.id}`);
+      if (out && then) then();
+    } }, label);
 }
 
 function jobsTable(jobs) {
@@ -152,7 +155,9 @@ export const jobPage = {
         const doc = await api(`/v2/tasks/${encodeURIComponent(id)}`);
         if (closed) return;
         if (!source) text.textContent = doc.text || "";
-        replaceKeeping(body, jobView(doc, text, events));
+        // after a cancel, read the job again: its end arrives by the events too, but a
+        // stream that dropped meanwhile would leave the page saying "running"
+        replaceKeeping(body, jobView(doc, text, events, () => setTimeout(load, 500)));
         if (!FINAL.has(doc.state) && !source) follow();
       } catch (err) {
         body.replaceChildren(errorBox(err));
@@ -210,7 +215,7 @@ function dl(pairs) {
     && v !== "").map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
 }
 
-function jobView(doc, text, events) {
+function jobView(doc, text, events, refresh) {
   const p = doc.placement;
   const t = doc.timings || {};
   const r = doc.request || {};
@@ -220,7 +225,7 @@ function jobView(doc, text, events) {
     h("div", { class: "job-head" }, pill(doc.state), " ",
       h("span", {}, doc.model), doc.host ? ` on ${doc.host}` : "",
       doc.position ? ` · position ${doc.position} in the queue` : "",
-      final ? null : [" ", cancelButton(doc, "Cancel job")]),
+      final ? null : cancelButton(doc, "Cancel job", refresh)),
     doc.error ? errorBox(doc.error) : null,
     h("div", { class: "two-col" },
       h("section", { class: "card", "aria-labelledby": "placement-h" },
