@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import sys
 
 from rbee_common.errors import RbeeError
 from rbee_common.names import BACKENDS
+
+log = logging.getLogger("rbee.lender")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,8 +49,10 @@ def serve(args: argparse.Namespace) -> None:
                                  f"{have})")
     device = devices[0]
     threads = args.threads or default_threads("cpu") or 1
-    print(f"rbee lender {args.lender_id}: lending {device.name} ({device.description}) at "
-          f"{args.endpoint}, {threads} thread(s)", flush=True)
+    log.info("lender %s: lending %s (%s) at %s, %d thread(s)", args.lender_id, device.name,
+             device.description, args.endpoint, threads)
+    for handler in logging.getLogger().handlers:
+        handler.flush()  # llama.cpp's server blocks from here on
     lib.start_server(f"{host}:{port}", [device], threads, args.cache_dir)
     ctypes.CDLL(None).fflush(None)  # llama.cpp's own words on why, before ours
     raise PortInUse(f"llama.cpp's RPC server could not listen on {args.endpoint} (see the "
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     from worker.cli import fail
 
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         serve(args)
     except RbeeError as e:
