@@ -333,6 +333,18 @@ def test_a_killed_worker_is_marked_dead_within_seconds(tiny_registered: str, rbe
     assert f"worker {rec['id']} is dead" in hive_daemon.log()
 
 
+def test_reap_waits_for_a_child_that_is_still_exiting() -> None:
+    from rbee_hive.daemon.service import reap
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    reap(child.pid)  # no wait: the child still runs, and is left alone
+    assert Path(f"/proc/{child.pid}").exists()
+    reap(child.pid, timeout=10)  # waits until it has exited, then collects it
+    assert not Path(f"/proc/{child.pid}").exists()
+    reap(child.pid, timeout=10)  # collected already: nothing to wait for
+    reap(os.getppid(), timeout=10)  # not our child: returns at once
+
+
 # the hive CLI while a daemon runs
 
 def test_hive_commands_go_through_a_running_daemon_and_work_again_after_it_stops(

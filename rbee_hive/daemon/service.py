@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,26 @@ class SpawnArgs:
     token: str | None = None
 
 
+REAP_TIMEOUT = 5.0  # s: a worker just stopped finishes exiting well within this
 
-def reap(pid: int) -> None:
-    """Collect a worker this process started once it has exited, so no zombie stays behind."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+
+def reap(pid: int, timeout: float = 0.0) -> None:
+    """Collect a worker this process started once it has exited, so no zombie stays behind.
+
+    `timeout`: how long to wait for a worker that was just ended to finish exiting. A process
+    tearing down already reads as gone (its command line is empty) a moment before the kernel
+    makes it a zombie that can be collected; a look without waiting then misses it for good,
+    as its record is gone by the next watch tick. Not our child, or already collected: no-op.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except (ChildProcessError, OSError):
+            return
+        if done or time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
 
 
 class PoolService:
@@ -132,7 +148,7 @@ class PoolService:
         with self._changing():
             pid = Registry().get(wid)["pid"]
             doc = self.local.stop(wid, grace)
-            reap(pid)
+            reap(pid, REAP_TIMEOUT)
         log.info("worker %s stopped (%s)", wid, doc.get("signal") or "was not running")
         return doc
 
@@ -143,7 +159,7 @@ class PoolService:
             pids = [r["pid"] for r in Registry().all()]
             doc = self.local.stop_all(grace)
             for pid in pids:
-                reap(pid)
+                reap(pid, REAP_TIMEOUT)
         log.info("stopped every worker (%d)", len(doc["stopped"]))
         return doc
 
