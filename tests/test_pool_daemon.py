@@ -336,7 +336,7 @@ def test_a_killed_worker_is_marked_dead_within_seconds(tiny_registered: str, rbe
 def test_reap_waits_for_a_child_that_is_still_exiting() -> None:
     from rbee_hive.daemon.service import reap
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
     reap(child.pid)  # no wait: the child still runs, and is left alone
     assert Path(f"/proc/{child.pid}").exists()
     reap(child.pid, timeout=10)  # waits until it has exited, then collects it
