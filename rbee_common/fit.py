@@ -113,7 +113,7 @@ class Room:
     def describe(self) -> str:
         loading = (f", {human_bytes(self.promised)} promised to workers still loading"
                    if self.promised else "")
-        capped = (f"; rbee may use {human_bytes(self.limit)} here, its workers hold "
+        capped = (f"; rbee may use {human_bytes(self.limit)} here, its workers and lenders hold "
                   f"{human_bytes(self.held)}" if self.limit is not None else "")
         return (f"{self.label} has {human_bytes(self.available)} available "
                 f"({human_bytes(self.free)} free less {human_bytes(self.reserve)} reserve"

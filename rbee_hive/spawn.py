@@ -14,7 +14,7 @@ from typing import Any
 
 from rbee_common.estimate import Estimate, estimate, human_bytes, max_ctx_that_fits
 from rbee_common.files import atomic_write_bytes
-from rbee_common.fit import Fit, Room, default_ctx, fit, room_of
+from rbee_common.fit import Fit, Room, default_ctx, fit, holders, room_of
 from rbee_common.progress import Reporter, null_reporter
 from rbee_common.rpc import LenderInfo
 from rbee_hive import schemas
@@ -34,6 +34,7 @@ from rbee_hive.errors import (
     disk_full,
     is_disk_full,
 )
+from rbee_hive.lenders import list_lenders
 from rbee_hive.ports import pick_port, port_lock, reserve, reserved_ports
 from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
 from rbee_hive.registry import Registry
@@ -233,12 +234,14 @@ def _start(model: dict[str, Any], est: Estimate, devs: list[dict[str, Any]],
     with reg.lock():
         live = [r for r in reg.all() if r["state"] in schemas.LIVE_STATES
                 and (r["pid"] is None or pid_alive(r["pid"], r["id"]))]
+        # what this host's RPC lenders hold is taken too, as placement counts it
+        held = holders(live, list_lenders(inventory))
         if lenders:
-            verdict = _check_lent(model, est, lenders, [room_of(d, live) for d in devs])
+            verdict = _check_lent(model, est, lenders, [room_of(d, held) for d in devs])
         elif len(devs) == 1:
-            verdict = _check_memory(model, est, room_of(devs[0], live), inventory, live)
+            verdict = _check_memory(model, est, room_of(devs[0], held), inventory, held)
         else:
-            verdict = _check_split(model, est, [room_of(d, live) for d in devs])
+            verdict = _check_split(model, est, [room_of(d, held) for d in devs])
         devices = [int(d["index"]) for d in devs]
         rpc = [info.endpoint for info in lenders]
         split = list(tensor_split or verdict.tensor_split) if len(devs) + len(rpc) > 1 else []

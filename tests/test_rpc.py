@@ -387,6 +387,24 @@ def test_status_with_lenders_stays_light(tiny_registered: str, lender: dict[str,
     assert out.stdout.strip() == "[]"
 
 
+def test_what_a_lender_holds_counts_against_the_hosts_cap(tiny_registered: str,
+                                                         lender: dict[str, Any]) -> None:
+    mib = 1024 * 1024
+    held = hive("rpc", "list")["lenders"][0]["memory_bytes"]
+    assert held > 4 * mib  # a lender process holds some memory before it lends any
+    argv = ("rbee-hive", "worker", "spawn", "cpu", "--model", "tiny", "--threads", "1",
+            "--format", "json")
+    refused = run(*argv, env={"RBEE_MAX_RAM_MIB": "1"})
+    need = error_of(refused)["details"]["required_bytes"]
+    # a cap that holds the worker alone, but not beside what the lender holds
+    cap = {"RBEE_MAX_RAM_MIB": str((need + held // 2) // mib + 1)}
+    short = error_of(run(*argv, env=cap))
+    assert short["code"] == "INSUFFICIENT_RAM", short
+    hive("rpc", "stop", lender["id"])
+    rec = hive(*argv[1:-2], env=cap)
+    assert rec["state"] == "ready"
+
+
 def test_worker_stop_all_sweeps_lenders(tiny_registered: str, lender: dict[str, Any]) -> None:
     rec = spawn("--rpc", lender["endpoint"])
     other = start_lender()
