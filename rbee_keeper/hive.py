@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from rbee_common.api import DaemonConnectionLost, DaemonUnreachable
 from rbee_common.errors import RbeeError, RemoteError
 from rbee_common.progress import Reporter
+from rbee_common.spawning import SpawnRequest
 from rbee_hive.schemas import HIVE_SCHEMA_VERSION, schema_version
 from rbee_keeper.errors import SchemaMismatch
 from rbee_keeper.hosts import HostConfig
@@ -29,26 +29,6 @@ Doc = dict[str, Any]
 T = TypeVar("T")
 
 log = logging.getLogger("rbee.keeper.hive")
-
-
-@dataclass(frozen=True)
-class SpawnRequest:
-    """What to start on a host: `rbee-hive worker spawn` in typed form."""
-
-    backend: str
-    model: str
-    device: int | Sequence[int] = 0
-    ctx: int | None = None
-    port: int | None = None
-    bind: str | None = None
-    threads: int | None = None
-    tensor_split: Sequence[float] | None = None
-    wait: bool = True
-    timeout: float | None = None
-    rpc: Sequence[str] = ()  # lenders' RPC endpoints as this host reaches them (HOST:PORT)
-
-    def devices(self) -> list[int]:
-        return [self.device] if isinstance(self.device, int) else list(self.device)
 
 
 class HiveClient(Protocol):

@@ -57,11 +57,7 @@ class HttpHive:
                                                         on_event))
 
     def spawn(self, req: SpawnRequest, token: str, on_event: Reporter | None = None) -> Doc:
-        body = {"backend": req.backend, "model": req.model,
-                "device": req.device if isinstance(req.device, int) else list(req.device),
-                "ctx": req.ctx, "port": req.port, "bind": req.bind, "threads": req.threads,
-                "tensor_split": list(req.tensor_split) if req.tensor_split else None,
-                "wait": req.wait, "timeout": req.timeout, "token": token}
+        body = req.body(token)
         return self._doc(lambda: self.api.with_progress("POST", "/v2/workers/start", body,
                                                         on_event))
 

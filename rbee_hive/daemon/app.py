@@ -47,8 +47,9 @@ from rbee_common.asgi import BearerAuth, HTTPError, event_stream, read_model, ss
 from rbee_common.errors import InvalidRequest, RbeeError
 from rbee_common.names import Backend, ProgressEvent
 from rbee_common.progress import Reporter
+from rbee_common.spawning import SpawnRequest
 from rbee_hive import schemas
-from rbee_hive.daemon.service import PoolService, SpawnArgs
+from rbee_hive.daemon.service import PoolService
 
 log = logging.getLogger("rbee.hive.daemon")
 
@@ -75,8 +76,8 @@ class StartBody(BaseModel):
     timeout: float | None = Field(default=None, gt=0, le=86_400)
     token: str | None = Field(default=None, min_length=16, max_length=512)
 
-    def args(self) -> SpawnArgs:
-        return SpawnArgs(**self.model_dump())
+    def request(self) -> SpawnRequest:
+        return SpawnRequest(**self.model_dump(exclude={"token"}))
 
 
 class StopBody(BaseModel):
@@ -303,8 +304,8 @@ async def workers(request: Request) -> Response:
 
 async def start_worker(request: Request) -> Response:
     body: StartBody = await read_model(request, StartBody, hint=HINT)
-    svc, args = service_of(request), body.args()
-    return await long_call(request, lambda report: svc.spawn(args, report))
+    svc, req = service_of(request), body.request()
+    return await long_call(request, lambda report: svc.spawn(req, body.token, report))
 
 
 async def stop_worker(request: Request) -> Response:

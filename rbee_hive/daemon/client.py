@@ -17,6 +17,7 @@ from urllib.parse import quote, urlencode
 
 from rbee_common.api import ApiClient
 from rbee_common.progress import Reporter, null_reporter
+from rbee_common.spawning import SpawnRequest
 
 Doc = dict[str, Any]
 
@@ -111,16 +112,12 @@ class DaemonHive:
               wait: bool = True, timeout: float | None = None, token: str | None = None,
               threads: int | None = None, tensor_split: Sequence[float] | None = None,
               rpc: Sequence[str] = (), report: Reporter = null_reporter) -> Doc:
-        body = {"backend": backend, "model": model,
-                "device": device if isinstance(device, int) else list(device),
-                "tensor_split": list(tensor_split) if tensor_split else None,
-                "port": port, "ctx": ctx,
-                "bind": bind or os.environ.get("RBEE_WORKER_BIND") or None,
-                "threads": threads, "wait": wait,
-                "timeout": timeout if timeout is not None else _env_float("RBEE_LOAD_TIMEOUT"),
-                "token": token}
-        if rpc:  # only when asked: a daemon from before RPC lenders refuses unknown fields
-            body["rpc"] = list(rpc)
+        req = SpawnRequest(backend, model, device=device, ctx=ctx, port=port,
+                           bind=bind or os.environ.get("RBEE_WORKER_BIND") or None,
+                           threads=threads, tensor_split=tensor_split, wait=wait,
+                           timeout=timeout if timeout is not None
+                           else _env_float("RBEE_LOAD_TIMEOUT"), rpc=rpc)
+        body = req.body(token)
         return self.api.with_progress("POST", "/v2/workers/start", body, report)
 
     def stop(self, wid: str, grace: float = 10.0) -> Doc:

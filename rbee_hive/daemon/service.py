@@ -15,35 +15,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rbee_common.progress import Reporter, null_reporter
+from rbee_common.spawning import SpawnRequest
 from rbee_hive.ops import InProcess
 
 log = logging.getLogger("rbee.hive.daemon")
 
 Doc = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class SpawnArgs:
-    """POST /v2/workers/start in typed form (the token never reaches a log)."""
-
-    backend: str
-    model: str
-    device: int | Sequence[int] = 0
-    ctx: int | None = None
-    port: int | None = None
-    bind: str | None = None
-    threads: int | None = None
-    tensor_split: Sequence[float] | None = None
-    rpc: Sequence[str] = ()
-    wait: bool = True
-    timeout: float | None = None
-    token: str | None = None
 
 
 REAP_TIMEOUT = 5.0  # s: a worker just stopped finishes exiting well within this
@@ -118,22 +100,23 @@ class PoolService:
 
     # changes: one at a time
 
-    def spawn(self, args: SpawnArgs, report: Reporter = null_reporter) -> Doc:
+    def spawn(self, req: SpawnRequest, token: str | None = None,
+              report: Reporter = null_reporter) -> Doc:
         """Admit and start a worker under the lock; wait for it to load outside it."""
         from rbee_hive.spawn import load_timeout, wait_ready
 
         with self._changing():
-            record = self.local.spawn(args.backend, args.model, device=args.device,
-                                      port=args.port, ctx=args.ctx, bind=args.bind, wait=False,
-                                      token=args.token, threads=args.threads,
-                                      tensor_split=args.tensor_split, rpc=args.rpc)
+            record = self.local.spawn(req.backend, req.model, device=req.device,
+                                      port=req.port, ctx=req.ctx, bind=req.bind, wait=False,
+                                      token=token, threads=req.threads,
+                                      tensor_split=req.tensor_split, rpc=req.rpc)
         log.info("worker %s started: %s on %s:%s, port %s, pid %s", record["id"],
                  record["model"], record["backend"], record["device"], record["port"],
                  record["pid"])
-        if not args.wait:
+        if not req.wait:
             return record
         try:
-            ready = wait_ready(record, None, args.timeout or load_timeout(), report)
+            ready = wait_ready(record, None, req.timeout or load_timeout(), report)
         except Exception as e:
             log.warning("worker %s did not become ready: %s", record["id"], e)
             raise
