@@ -22,6 +22,10 @@ MODULES = (
 )
 
 
+# the base class's code: what reaches a user unexpected
+INTERNAL = "Something failed that rbee did not foresee (a bug): the message says what."
+
+
 @dataclass(frozen=True)
 class Code:
     code: str
@@ -51,7 +55,8 @@ def catalog() -> list[Code]:
     out = []
     for code, classes in sorted(by_code.items()):
         classes.sort(key=lambda c: (c.__module__, c.__qualname__))
-        meanings = [(inspect.getdoc(c) or "").split("\n\n")[0].replace("\n", " ")
+        meanings = [INTERNAL if c is RbeeError
+                    else (inspect.getdoc(c) or "").split("\n\n")[0].replace("\n", " ")
                     for c in classes]
         hints = [c.default_hint for c in classes]
         out.append(Code(code, max(c.exit_code for c in classes),
