@@ -465,6 +465,26 @@ def test_a_chat_template_that_raises_is_a_json_400(tiny_model: Path, tmp_path: P
         w.proc.wait(timeout=10)
 
 
+def test_a_chat_template_that_does_not_compile_does_not_stop_the_model(
+        tmp_path: Path) -> None:
+    """llama-cpp-python compiles the GGUF's template while it builds the model: a broken
+    one used to fail the whole load (MODEL_LOAD_FAILED, with a hint about memory)."""
+    model = write_tiny_model(tmp_path / "broken.gguf",
+                             chat_template="{% for m in messages %}{{ m.content }")
+    w = start_worker(model, tmp_path / "w.log", ctx=512)
+    try:
+        ok = client(w).chat.completions.create(model="tiny", max_tokens=2, messages=HI)
+        assert ok.choices[0].finish_reason is not None and ok.usage.prompt_tokens > 0
+        done = client(w).completions.create(model="tiny", prompt="Hello", max_tokens=2)
+        assert done.choices[0].finish_reason is not None
+        log = (tmp_path / "w.log").read_text()
+        assert "chat template does not compile (TemplateSyntaxError" in log
+        assert "User: … Assistant:" in log
+    finally:
+        w.proc.terminate()
+        w.proc.wait(timeout=10)
+
+
 def test_unknown_paths_and_methods_answer_json(worker: Worker) -> None:
     plain = httpx.get(f"{worker.url}/nope", headers=worker.auth)
     assert plain.status_code == 404 and plain.json()["error"]["code"] == "INVALID_REQUEST"

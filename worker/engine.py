@@ -273,6 +273,36 @@ def model_params(**fields: Any) -> Iterator[None]:
         lc.llama_model_default_params = original
 
 
+@contextlib.contextmanager
+def tolerant_chat_templates() -> Iterator[list[str]]:
+    """Let a model whose chat template does not compile load all the same.
+
+    llama_cpp.Llama() compiles every chat template in the GGUF as it is built, after the
+    weights are in, and one that jinja2 cannot parse (a typo, a tag it does not know) would
+    throw the whole load away. For that call a template that does not compile is skipped;
+    the list yielded gathers what jinja2 said of each (the worker then chats without it).
+    """
+    import jinja2
+    from llama_cpp import llama_chat_format
+
+    original = llama_chat_format.Jinja2ChatFormatter
+    errors: list[str] = []
+
+    class Tolerant(original):  # type: ignore[misc, valid-type]
+        def __init__(self, template: str, *args: Any, **kwargs: Any) -> None:
+            try:
+                super().__init__(template, *args, **kwargs)
+            except jinja2.TemplateError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                super().__init__("", *args, **kwargs)
+
+    llama_chat_format.Jinja2ChatFormatter = Tolerant  # type: ignore[misc]
+    try:
+        yield errors
+    finally:
+        llama_chat_format.Jinja2ChatFormatter = original  # type: ignore[misc]
+
+
 def llama_kwargs(s: EngineSettings, tensor_split: list[float] | None = None) -> dict[str, Any]:
     """The arguments Engine.load gives llama_cpp.Llama for these settings.
 
@@ -395,7 +425,8 @@ class Engine:
             log.info("keeping weights out of llama.cpp's AMX/repack buffers (llama.cpp#20824); "
                      "RBEE_LLAMA_EXTRA_BUFTS=1 re-enables them")
         try:
-            with model_params(use_extra_bufts=extra, **fields):
+            with model_params(use_extra_bufts=extra, **fields), \
+                    tolerant_chat_templates() as template_errors:
                 self.llama = llama_cpp.Llama(**kwargs)
         except (ValueError, RuntimeError, OSError) as e:
             tail = "\n".join(list(self.logs.lines)[-5:])
@@ -414,6 +445,11 @@ class Engine:
                     hint="Free VRAM, or choose a smaller model, quantisation or --ctx.",
                 )
         self.chat_template = self.llama.metadata.get("tokenizer.chat_template")
+        if self.chat_template and template_errors:
+            log.warning("the model's chat template does not compile (%s); chat requests use "
+                        "the plain 'User: … Assistant:' format instead",
+                        template_errors[-1])
+            self.chat_template = None
 
     def _borrow(self) -> tuple[Any, list[float]]:
         """Add the RPC lenders as devices: the NULL-terminated device list for llama.cpp
