@@ -477,8 +477,9 @@ def test_cookie_borne_changes_need_the_pages_header_and_origin(lab: Lab) -> None
     assert ui.status_code == 202
     api = httpx.post(q.url + "/v2/tasks", json=body, headers=q.headers)  # bearer: as before
     assert api.status_code == 202
-    for job in (ui.json()["id"], api.json()["id"]):
-        assert q.wait(job)["state"] == "done"
+    for job, source in ((ui.json()["id"], "ui"), (api.json()["id"], "api")):
+        done = q.wait(job)
+        assert done["state"] == "done" and done["source"] == source, done
 
 
 def test_token_to_page_latency_measured_in_the_browser(lab: Lab, page: Any) -> None:

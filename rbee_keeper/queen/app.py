@@ -126,10 +126,18 @@ async def health(request: Request) -> Response:
                          "version": __version__, "uptime_s": round(time.time() - q.started, 1)})
 
 
+def source_of(request: Request) -> str:
+    """Where a job came from: "ui" for the web UI's pages (a request borne by the cookie,
+    which rbee_keeper.queen.ui.BrowserGate lets through only with the pages' own header),
+    else "api"."""
+    bearer = request.headers.get("authorization", "").lower().startswith("bearer ")
+    return "ui" if not bearer and "x-rbee-ui" in request.headers else "api"
+
+
 async def submit(request: Request) -> Response:
     body: TaskBody = await read_model(request, TaskBody, hint=HINT)
     q = queen_of(request)
-    job = await asyncio.to_thread(q.submit, body.job(), "api")
+    job = await asyncio.to_thread(q.submit, body.job(), source_of(request))
     return JSONResponse({"schema": "rbee.queen.task/v1", "id": job.id, "state": job.state.value,
                          "events": f"/v2/tasks/{job.id}/events"}, status_code=202)
 
