@@ -366,7 +366,7 @@ def test_a_playground_prompt_streams_and_its_job_shows_its_placement(lab: Lab,
 
     job_id = page.get_by_test_id("job-link").text_content()
     doc = lab.api("GET", f"/v2/tasks/{job_id}").json()
-    assert doc["source"] == "api" and doc["text"] == after_hello(48)
+    assert doc["source"] == "ui" and doc["text"] == after_hello(48)
     chosen = doc["placement"]["host"]
     assert chosen in ("h1", "h3")  # the hosts that have the file (no worker is running)
 
