@@ -16,8 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # gpu: without CUDA it only says so; with CUDA its --quick run is a 2-layer model, briefly
-BENCHMARKS = ["startup", "spawn", "stream", "ttft", "gpu", "e2e", "fanout", "download", "daemon",
-              "queen", "split"]
+BENCHMARKS = ["startup", "spawn", "stream", "ttft", "chat_template", "gpu", "e2e", "fanout",
+              "download", "daemon", "queen", "split"]
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
         argv = [sys.executable, str(HERE / f"{name}.py")]
         if args.quick:
             argv.append("--quick")
-        if args.model and name in ("spawn", "stream", "ttft", "e2e", "split"):
+        if args.model and name in ("spawn", "stream", "ttft", "chat_template", "e2e", "split"):
             argv += ["--model", str(args.model)]
         t0 = time.monotonic()
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=HERE)

@@ -274,31 +274,29 @@ def model_params(**fields: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tolerant_chat_templates() -> Iterator[list[str]]:
+def tolerant_chat_templates() -> Iterator[None]:
     """Let a model whose chat template does not compile load all the same.
 
     llama_cpp.Llama() compiles every chat template in the GGUF as it is built, after the
     weights are in, and one that jinja2 cannot parse (a typo, a tag it does not know) would
-    throw the whole load away. For that call a template that does not compile is skipped;
-    the list yielded gathers what jinja2 said of each (the worker then chats without it).
+    throw the whole load away. For that call a template that does not compile is skipped
+    (the worker compiles the model's template itself, once, and says what is wrong with it).
     """
     import jinja2
     from llama_cpp import llama_chat_format
 
     original = llama_chat_format.Jinja2ChatFormatter
-    errors: list[str] = []
 
     class Tolerant(original):  # type: ignore[misc, valid-type]
         def __init__(self, template: str, *args: Any, **kwargs: Any) -> None:
             try:
                 super().__init__(template, *args, **kwargs)
-            except jinja2.TemplateError as e:
-                errors.append(f"{type(e).__name__}: {e}")
+            except jinja2.TemplateError:
                 super().__init__("", *args, **kwargs)
 
     llama_chat_format.Jinja2ChatFormatter = Tolerant  # type: ignore[misc]
     try:
-        yield errors
+        yield
     finally:
         llama_chat_format.Jinja2ChatFormatter = original  # type: ignore[misc]
 
@@ -376,6 +374,7 @@ class Engine:
         self.llama: Any = None
         self.logs = LlamaLogCapture()
         self.chat_template: str | None = None
+        self.chat_formatter: Any = None  # the template compiled (llama_cpp's Jinja2ChatFormatter)
         self.names: list[str] = []  # each device of the split: RPC lenders first, then its own
         self.split: list[dict[str, Any]] = []  # their shares and bytes, once loaded
 
@@ -425,8 +424,7 @@ class Engine:
             log.info("keeping weights out of llama.cpp's AMX/repack buffers (llama.cpp#20824); "
                      "RBEE_LLAMA_EXTRA_BUFTS=1 re-enables them")
         try:
-            with model_params(use_extra_bufts=extra, **fields), \
-                    tolerant_chat_templates() as template_errors:
+            with model_params(use_extra_bufts=extra, **fields), tolerant_chat_templates():
                 self.llama = llama_cpp.Llama(**kwargs)
         except (ValueError, RuntimeError, OSError) as e:
             tail = "\n".join(list(self.logs.lines)[-5:])
@@ -445,11 +443,32 @@ class Engine:
                     hint="Free VRAM, or choose a smaller model, quantisation or --ctx.",
                 )
         self.chat_template = self.llama.metadata.get("tokenizer.chat_template")
-        if self.chat_template and template_errors:
-            log.warning("the model's chat template does not compile (%s); chat requests use "
-                        "the plain 'User: … Assistant:' format instead",
-                        template_errors[-1])
+        self.chat_formatter = self._compile_chat_template()
+
+    def _compile_chat_template(self) -> Any:
+        """The model's chat template compiled once, at load: compiling a real one takes
+        milliseconds, which every chat request used to pay before its first token. None
+        without a template, or (with a warning) when jinja2 cannot parse it."""
+        if not self.chat_template:
+            return None
+        import jinja2
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        model = self.llama._model
+        eos_id, bos_id = self.llama.token_eos(), self.llama.token_bos()
+        try:
+            return Jinja2ChatFormatter(
+                template=self.chat_template,
+                eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+                bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+                stop_token_ids=[eos_id],
+            )
+        except jinja2.TemplateError as e:
+            log.warning("the model's chat template does not compile (%s: %s); chat requests "
+                        "use the plain 'User: … Assistant:' format instead",
+                        type(e).__name__, e)
             self.chat_template = None
+            return None
 
     def _borrow(self) -> tuple[Any, list[float]]:
         """Add the RPC lenders as devices: the NULL-terminated device list for llama.cpp
@@ -550,18 +569,8 @@ class Engine:
 
         Returns the prompt, extra stop strings, and whether the prompt already holds BOS.
         """
-        if self.chat_template:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-            model = self.llama._model
-            eos_id, bos_id = self.llama.token_eos(), self.llama.token_bos()
-            formatter = Jinja2ChatFormatter(
-                template=self.chat_template,
-                eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
-                bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
-                stop_token_ids=[eos_id],
-            )
-            res = formatter(messages=[{"role": r, "content": c} for r, c in messages])
+        if self.chat_formatter is not None:
+            res = self.chat_formatter(messages=[{"role": r, "content": c} for r, c in messages])
             stops = [res.stop] if isinstance(res.stop, str) else list(res.stop or [])
             return res.prompt, stops, bool(res.added_special)
         parts = []
