@@ -15,9 +15,10 @@ from rbee_common.errors import RbeeError, RemoteError
 
 # every module that defines an error class (tests/test_errorcodes.py finds any it misses)
 MODULES = (
-    "rbee_common.errors", "rbee_common.api", "rbee_common.daemon", "rbee_common.ggufmeta",
-    "rbee_common.rpc", "rbee_hive.errors", "rbee_keeper.errors", "rbee_keeper.jobs",
-    "rbee_keeper.queen_client", "rbee_keeper.queen.runtime", "rbee_keeper.queen.ui",
+    "rbee_common.api", "rbee_common.daemon", "rbee_common.errors", "rbee_common.ggufmeta",
+    "rbee_common.models", "rbee_common.rpc", "rbee_hive.download", "rbee_hive.errors",
+    "rbee_keeper.errors", "rbee_keeper.jobs", "rbee_keeper.queen.runtime",
+    "rbee_keeper.queen.ui", "rbee_keeper.queen_client", "rbee_keeper.worker_client",
     "worker.errors", "worker.jobs",
 )
 
@@ -44,7 +45,9 @@ def _classes() -> list[type[RbeeError]]:
         if cls not in seen:
             seen.append(cls)
             todo.extend(cls.__subclasses__())
-    return [c for c in seen if c is not RemoteError]  # it carries another process's code
+    # only these modules' classes: the catalog must not depend on what else was imported
+    return [c for c in seen if c is not RemoteError  # it carries another process's code
+            and c.__module__ in MODULES]
 
 
 def catalog() -> list[Code]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rbee_common.errorcodes import catalog, markdown
+from rbee_common.errorcodes import MODULES, _classes, catalog, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("rbee_common", "rbee_hive", "rbee_keeper", "worker")
@@ -27,6 +27,21 @@ def test_every_code_in_the_source_is_in_the_catalog() -> None:
     missing = codes_in_source() - listed
     assert not missing, f"add their modules to rbee_common.errorcodes.MODULES: {missing}"
     assert {"INSUFFICIENT_VRAM", "TUNNEL_FAILED", "DISK_FULL", "USAGE"} <= listed
+
+
+def test_every_module_that_defines_an_error_class_is_read() -> None:
+    """A subclass of an error class in a module the catalog does not import would go
+    unlisted (its code may be its parent's, so the search for codes above misses it)."""
+    names = {c.__name__ for c in _classes()} | {"RbeeError", "RemoteError"}
+    unread = []
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            for cls, bases in re.findall(r"^class (\w+)\(([^)]*)\)", path.read_text(), re.M):
+                if {b.strip().rsplit(".", 1)[-1] for b in bases.split(",")} & names \
+                        and module not in MODULES:
+                    unread.append(f"{module}.{cls}")
+    assert not unread, f"add their modules to rbee_common.errorcodes.MODULES: {unread}"
 
 
 def test_every_code_says_what_it_means() -> None:

@@ -341,8 +341,10 @@ def test_reap_waits_for_a_child_that_is_still_exiting() -> None:
     assert Path(f"/proc/{child.pid}").exists()
     reap(child.pid, timeout=10)  # waits until it has exited, then collects it
     assert not Path(f"/proc/{child.pid}").exists()
+    child.returncode = 0  # collected behind Popen's back: it must not look for it again
     reap(child.pid, timeout=10)  # collected already: nothing to wait for
     reap(os.getppid(), timeout=10)  # not our child: returns at once
+    reap(None, timeout=10)  # a record with no pid yet
 
 
 # the hive CLI while a daemon runs

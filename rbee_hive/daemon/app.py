@@ -74,7 +74,7 @@ class StartBody(BaseModel):
     rpc: list[str] = Field(default_factory=list, max_length=16)
     wait: bool = True
     timeout: float | None = Field(default=None, gt=0, le=86_400)
-    token: str | None = Field(default=None, min_length=16, max_length=512)
+    token: str | None = Field(default=None, min_length=16, max_length=512, repr=False)
 
     def request(self) -> SpawnRequest:
         return SpawnRequest(**self.model_dump(exclude={"token"}))

@@ -31,7 +31,7 @@ Doc = dict[str, Any]
 REAP_TIMEOUT = 5.0  # s: a worker just stopped finishes exiting well within this
 
 
-def reap(pid: int, timeout: float = 0.0) -> None:
+def reap(pid: int | None, timeout: float = 0.0) -> None:
     """Collect a worker this process started once it has exited, so no zombie stays behind.
 
     `timeout`: how long to wait for a worker that was just ended to finish exiting. A process
@@ -39,6 +39,8 @@ def reap(pid: int, timeout: float = 0.0) -> None:
     makes it a zombie that can be collected; a look without waiting then misses it for good,
     as its record is gone by the next watch tick. Not our child, or already collected: no-op.
     """
+    if pid is None:  # a record whose start was cut short before its pid was written
+        return
     deadline = time.monotonic() + timeout
     while True:
         try:
