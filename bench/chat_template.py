@@ -23,18 +23,10 @@ MESSAGES = [("user", "What is the capital of France?"), ("assistant", "Paris."),
 
 
 def per_request(engine: Any) -> Callable[[], Any]:
-    """The worker's chat formatting before the template was compiled once: build the
-    formatter (compiling the template) on every request, then render."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+    """The worker's chat formatting before the template was compiled once: compile the
+    template on every request, then render."""
     def run() -> Any:
-        model = engine.llama._model
-        eos_id, bos_id = engine.llama.token_eos(), engine.llama.token_bos()
-        formatter = Jinja2ChatFormatter(
-            template=engine.chat_template,
-            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id])
+        formatter = engine.compile_chat_template()
         return formatter(messages=[{"role": r, "content": c} for r, c in MESSAGES]).prompt
 
     return run

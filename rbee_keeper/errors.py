@@ -20,6 +20,13 @@ class HostUnreachable(RbeeError):
     default_hint = "Is the host up and sshd running? Try `ssh HOST` by hand."
 
 
+class RemoteKilled(RbeeError):
+    """An rbee-hive command over SSH ended without an exit status while the connection
+    stayed up: killed by a signal (paramiko drops SSH's exit-signal); details: its stderr."""
+
+    code = "REMOTE_KILLED"
+
+
 class SshAuthFailed(RbeeError):
     """The SSH server refused every key offered."""
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rbee_common.errors import RbeeError, RemoteError
+from rbee_common.errors import RbeeError
 from rbee_common.names import PROGRESS_EVENTS
 from rbee_common.progress import Reporter
 from rbee_keeper.errors import (
@@ -33,6 +33,7 @@ from rbee_keeper.errors import (
     HostKeyMismatch,
     HostKeyUnknown,
     HostUnreachable,
+    RemoteKilled,
     SshAuthFailed,
 )
 from rbee_keeper.hosts import HostConfig
@@ -430,8 +431,8 @@ class SshTransport:
             transport = chan.get_transport()
             if transport is not None and transport.is_active():
                 tail = " | ".join(reply.stderr.strip().splitlines()[-3:])
-                raise RemoteError(
-                    "REMOTE_KILLED", f"{self.host.name}: {what} ended without an exit status "
+                raise RemoteKilled(
+                    f"{self.host.name}: {what} ended without an exit status "
                     f"(killed by a signal?) while the SSH connection stayed up"
                     + (f"; it said: {tail}" if tail else ""),
                     hint="Try again; if it repeats, run the same rbee-hive command on the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from rbee_common.errorcodes import MODULES, _classes, catalog, markdown
@@ -11,14 +12,19 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("rbee_common", "rbee_hive", "rbee_keeper", "worker")
 
 
+def sources() -> Iterator[tuple[str, str]]:
+    """(module name, source text) of every module of rbee's packages."""
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            yield ".".join(path.relative_to(ROOT).with_suffix("").parts), path.read_text()
+
+
 def codes_in_source() -> set[str]:
     """Every `code = "…"` of a class, and every code written into an error document by hand."""
     found = set()
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            text = path.read_text()
-            found |= set(re.findall(r'^\s+code(?:: ClassVar\[str\])? = "([A-Z_]+)"', text, re.M))
-            found |= set(re.findall(r'"code": "([A-Z_]{4,})"', text))
+    for _, text in sources():
+        found |= set(re.findall(r'^\s+code(?:: ClassVar\[str\])? = "([A-Z_]+)"', text, re.M))
+        found |= set(re.findall(r'"code": "([A-Z_]{4,})"', text))
     return found
 
 
@@ -34,13 +40,11 @@ def test_every_module_that_defines_an_error_class_is_read() -> None:
     unlisted (its code may be its parent's, so the search for codes above misses it)."""
     names = {c.__name__ for c in _classes()} | {"RbeeError", "RemoteError"}
     unread = []
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-            for cls, bases in re.findall(r"^class (\w+)\(([^)]*)\)", path.read_text(), re.M):
-                if {b.strip().rsplit(".", 1)[-1] for b in bases.split(",")} & names \
-                        and module not in MODULES:
-                    unread.append(f"{module}.{cls}")
+    for module, text in sources():
+        for cls, bases in re.findall(r"^class (\w+)\(([^)]*)\)", text, re.M):
+            if {b.strip().rsplit(".", 1)[-1] for b in bases.split(",")} & names \
+                    and module not in MODULES:
+                unread.append(f"{module}.{cls}")
     assert not unread, f"add their modules to rbee_common.errorcodes.MODULES: {unread}"
 
 

@@ -443,9 +443,9 @@ class Engine:
                     hint="Free VRAM, or choose a smaller model, quantisation or --ctx.",
                 )
         self.chat_template = self.llama.metadata.get("tokenizer.chat_template")
-        self.chat_formatter = self._compile_chat_template()
+        self.chat_formatter = self.compile_chat_template()
 
-    def _compile_chat_template(self) -> Any:
+    def compile_chat_template(self) -> Any:
         """The model's chat template compiled once, at load: compiling a real one takes
         milliseconds, which every chat request used to pay before its first token. None
         without a template, or (with a warning) when jinja2 cannot parse it."""
