@@ -50,7 +50,6 @@ from stream import (
     infer_once,
     inprocess_once,
     llama_server_running,
-    load_inprocess,
     summarise,
 )
 
@@ -63,36 +62,91 @@ def expected_text(n: int) -> str:
     return (CYCLE * (n // len(CYCLE) + 2))[start:start + n]
 
 
-def load_once(model: Path, backend: str, gpu_layers: int, ctx: int, threads: int) -> float:
-    """One llama-cpp-python load in this process, in ms (the baseline for spawn-to-ready)."""
+class InProcessFailed(RuntimeError):
+    """The llama-cpp-python baseline's process ended before answering (its log's tail)."""
+
+
+class InProcess:
+    """llama-cpp-python in a process of its own, as in-process as it gets: it loads the model
+    (timed there), then streams one answer per line sent to it, timed there. A crash in it
+    (one was seen on an H200, inside the load) is reported with its faulthandler traceback
+    and llama.cpp's log, and the other contenders are measured all the same."""
+
+    def __init__(self, model: Path, args: Any) -> None:
+        import tempfile
+
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by close())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-X", "faulthandler", __file__, "--inprocess", str(model),
+             "--backend", args.backend, "--gpu-layers", str(args.gpu_layers), "--ctx",
+             str(args.ctx), "--threads", str(args.threads), "--max-tokens",
+             str(args.max_tokens)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.load_ms = float(self._reply()["load_ms"])
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line:
+            return json.loads(line)
+        code = self.proc.wait()
+        self.log.seek(0)
+        tail = "\n".join(self.log.read().splitlines()[-40:])
+        raise InProcessFailed(f"the llama-cpp-python process exited with {code}:\n{tail}")
+
+    def once(self) -> Sample:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        ttft, decode, tokens, text = self._reply()["sample"]
+        return ttft, decode, tokens, text
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def inprocess_child(argv: list[str]) -> None:
+    """`bench/gpu.py --inprocess MODEL …`: the process behind `InProcess`."""
+    import argparse
+
     import llama_cpp
 
     from worker.engine import extra_buffer_types_wanted, model_params
 
+    p = argparse.ArgumentParser()
+    p.add_argument("model", type=Path)
+    for name in ("--backend",):
+        p.add_argument(name, required=True)
+    for name in ("--gpu-layers", "--ctx", "--threads", "--max-tokens"):
+        p.add_argument(name, type=int, required=True)
+    a = p.parse_args(argv)
     t0 = time.perf_counter()
-    with model_params(use_extra_bufts=extra_buffer_types_wanted(backend)):
+    with model_params(use_extra_bufts=extra_buffer_types_wanted(a.backend)):
         # verbose: llama-cpp-python's quiet mode points fd 2 at /dev/null during the load,
         # which would hide a crash's faulthandler traceback
-        llm = llama_cpp.Llama(str(model), n_ctx=ctx, n_gpu_layers=gpu_layers,
-                              n_threads=threads, verbose=True)
-    took = (time.perf_counter() - t0) * 1000
+        llm = llama_cpp.Llama(str(a.model), n_ctx=a.ctx, n_gpu_layers=a.gpu_layers,
+                              n_threads=a.threads, n_threads_batch=a.threads, verbose=True)
+    print(json.dumps({"load_ms": (time.perf_counter() - t0) * 1000}), flush=True)
+    llm.verbose = False  # no timing report on stderr after each answer
+    for _ in sys.stdin:
+        print(json.dumps({"sample": inprocess_once(llm, a)}), flush=True)
     llm.close()
-    return took
 
 
 def inprocess_loads(model: Path, args: Any) -> list[float]:
-    """Each load in a fresh process (as a worker's is): one that crashes is reported with its
-    traceback and log, not taken for the benchmark's own crash."""
+    """The in-process load, `runs` times, each in a fresh process (as a worker's is)."""
     loads = []
     for _ in range(args.runs):
-        r = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--load-once",
-                            str(model), "--backend", args.backend, "--gpu-layers",
-                            str(args.gpu_layers), "--ctx", str(args.ctx), "--threads",
-                            str(args.threads)], capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            tail = "\n".join((r.stderr or "").splitlines()[-40:])
-            raise RuntimeError(f"the in-process load exited with {r.returncode}:\n{tail}")
-        loads.append(float(r.stdout.strip().splitlines()[-1]))
+        child = InProcess(model, args)
+        child.close()
+        loads.append(child.load_ms)
     return loads
 
 
@@ -162,48 +216,52 @@ def side_by_side(box: Sandbox, model: Path, rec: dict[str, Any], args: Any) -> d
     import httpx
 
     token = box.run("rbee-hive", "worker", "token", rec["id"]).stdout.strip()
-    llm = load_inprocess(model, args)
+    failed: dict[str, dict[str, Any]] = {}
+    try:
+        baseline: InProcess | None = InProcess(model, args)
+    except InProcessFailed as e:
+        baseline, failed["llama_cpp_inprocess"] = None, said_failed(e)
     infer = infer_argv("bench", args)
     box.json(*infer)  # places the job on the idle worker spawned above, and remembers it
     with llama_server_running(model, args) as server_url, \
             httpx.Client(timeout=300) as plain, \
             httpx.Client(timeout=300, headers={"Authorization": f"Bearer {token}"}) as authed:
         contenders: dict[str, Any] = {
-            "llama_cpp_inprocess": lambda: (inprocess_once(llm, args), {}),
+            "llama_cpp_inprocess": lambda: (baseline.once(), {}),
             "llama_cpp_server": lambda: (completions_once(plain, server_url, args), {}),
             "rbee_execute": lambda: execute_once(rec["url"], token, args),
             "rbee_v1_completions": lambda: v1_once(authed, rec["url"], token, args),
             "rbee_infer_warm": lambda: infer_once(box, infer, args),
         }
+        for name in failed:
+            del contenders[name]
         runs: dict[str, list[Run]] = {name: [] for name in contenders}
         for i in range(args.runs + 1):
-            for name, once in contenders.items():
-                run = once()
+            for name, once in list(contenders.items()):
+                try:
+                    run = once()
+                except InProcessFailed as e:
+                    failed[name] = said_failed(e)
+                    del contenders[name], runs[name]
+                    continue
                 if i:
                     runs[name].append(run)
-    llm.close()
-    return {name: {**summarise([r[0] for r in rs]),
-                   **{k: median([r[1][k] for r in rs]) for k in rs[0][1]}}
-            for name, rs in runs.items()}
+    if baseline is not None:
+        baseline.close()
+    return {**{name: {**summarise([r[0] for r in rs]),
+                      **{k: median([r[1][k] for r in rs]) for k in rs[0][1]}}
+               for name, rs in runs.items()}, **failed}
 
 
-def load_once_main(argv: list[str]) -> None:
-    """`bench/gpu.py --load-once MODEL …`: the child of `inprocess_loads`; prints ms."""
-    import argparse
-
-    p = argparse.ArgumentParser()
-    p.add_argument("model", type=Path)
-    p.add_argument("--backend", required=True)
-    p.add_argument("--gpu-layers", type=int, required=True)
-    p.add_argument("--ctx", type=int, required=True)
-    p.add_argument("--threads", type=int, required=True)
-    a = p.parse_args(argv)
-    print(load_once(a.model, a.backend, a.gpu_layers, a.ctx, a.threads))
+def said_failed(e: InProcessFailed) -> dict[str, Any]:
+    """A contender that crashed: said on stderr at once, and kept in the results."""
+    sys.stderr.write(f"{e}\n")
+    return {"failed": str(e)}
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--load-once"]:
-        load_once_main(sys.argv[2:])
+    if sys.argv[1:2] == ["--inprocess"]:
+        inprocess_child(sys.argv[2:])
         return
     p = parser(__doc__ or "")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU (use fewer --layers)")
@@ -233,24 +291,29 @@ def main() -> None:
         written_s, size = time.perf_counter() - t0, model.stat().st_size
         box.run("rbee-hive", "models", "import", str(model), "--id", "bench")
         rec, spawned = spawn_runs(box, args)
-        load = median(inprocess_loads(model, args))
+        try:
+            load: dict[str, Any] = {"inprocess_load_ms": median(inprocess_loads(model, args))}
+        except InProcessFailed as e:
+            load = {"inprocess_load_ms": None, "inprocess_load": said_failed(e)}
         results = side_by_side(box, model, rec, args)
         vram_doc = vram(rec, args)  # after serving: its compute buffers are in use too
     want = expected_text(24)
     for r in results.values():
-        r["text_ok"] = r["text_head"] == want[:len(r["text_head"])] and bool(r["text_head"])
-    base = results["llama_cpp_inprocess"]
-    spawn = {**spawned, "inprocess_load_ms": load,
-             "ready_minus_inprocess_load_ms": round(spawned["spawn_to_ready_ms"] - load, 1)}
+        if "failed" not in r:
+            r["text_ok"] = r["text_head"] == want[:len(r["text_head"])] and bool(r["text_head"])
+    base = results["llama_cpp_inprocess"].get("tokens_per_sec") or 0
+    in_ms = load["inprocess_load_ms"]
+    spawn = {**spawned, **load, "ready_minus_inprocess_load_ms":
+             None if in_ms is None else round(spawned["spawn_to_ready_ms"] - in_ms, 1)}
     emit({"benchmark": "gpu", "backend": args.backend, "n_gpu_layers": args.gpu_layers,
           "model": {"layers": args.layers, "n_embd": shape.n_embd, "dtype": shape.dtype,
                     "bytes": size, "written_s": round(written_s, 1)},
           "prompt": PROMPT, "max_tokens": args.max_tokens, "runs": args.runs,
           "results": results, "spawn": spawn, "vram": vram_doc,
           "ratios": {
-              f"{name}_vs_inprocess_tokens_per_sec": ratio(r["tokens_per_sec"],
-                                                           base["tokens_per_sec"])
-              for name, r in results.items() if name != "llama_cpp_inprocess"},
+              f"{name}_vs_inprocess_tokens_per_sec": ratio(r["tokens_per_sec"], base)
+              for name, r in results.items()
+              if name != "llama_cpp_inprocess" and "failed" not in r},
           "gpu": gpu_name() if args.backend == "cuda" else None}, args.out)
 
 
