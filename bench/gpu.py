@@ -44,11 +44,12 @@ from _common import (
 )
 from stream import (
     PROMPT,
+    InProcess,
+    InProcessFailed,
     Sample,
     completions_once,
     infer_argv,
     infer_once,
-    inprocess_once,
     llama_server_running,
     summarise,
 )
@@ -60,84 +61,6 @@ def expected_text(n: int) -> str:
     """What the planted table makes of PROMPT: the cycle, from the letter after its last."""
     start = CYCLE.index(PROMPT[-1]) + 1
     return (CYCLE * (n // len(CYCLE) + 2))[start:start + n]
-
-
-class InProcessFailed(RuntimeError):
-    """The llama-cpp-python baseline's process ended before answering (its log's tail)."""
-
-
-class InProcess:
-    """llama-cpp-python in a process of its own, as in-process as it gets: it loads the model
-    (timed there), then streams one answer per line sent to it, timed there. A crash in it
-    (one was seen on an H200, inside the load) is reported with its faulthandler traceback
-    and llama.cpp's log, and the other contenders are measured all the same."""
-
-    def __init__(self, model: Path, args: Any) -> None:
-        import tempfile
-
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by close())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", __file__, "--inprocess", str(model),
-             "--backend", args.backend, "--gpu-layers", str(args.gpu_layers), "--ctx",
-             str(args.ctx), "--threads", str(args.threads), "--max-tokens",
-             str(args.max_tokens)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.load_ms = float(self._reply()["load_ms"])
-
-    def _reply(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line:
-            return json.loads(line)
-        code = self.proc.wait()
-        self.log.seek(0)
-        tail = "\n".join(self.log.read().splitlines()[-40:])
-        raise InProcessFailed(f"the llama-cpp-python process exited with {code}:\n{tail}")
-
-    def once(self) -> Sample:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        ttft, decode, tokens, text = self._reply()["sample"]
-        return ttft, decode, tokens, text
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-def inprocess_child(argv: list[str]) -> None:
-    """`bench/gpu.py --inprocess MODEL …`: the process behind `InProcess`."""
-    import argparse
-
-    import llama_cpp
-
-    from worker.engine import extra_buffer_types_wanted, model_params
-
-    p = argparse.ArgumentParser()
-    p.add_argument("model", type=Path)
-    for name in ("--backend",):
-        p.add_argument(name, required=True)
-    for name in ("--gpu-layers", "--ctx", "--threads", "--max-tokens"):
-        p.add_argument(name, type=int, required=True)
-    a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    with model_params(use_extra_bufts=extra_buffer_types_wanted(a.backend)):
-        # verbose: llama-cpp-python's quiet mode points fd 2 at /dev/null during the load,
-        # which would hide a crash's faulthandler traceback
-        llm = llama_cpp.Llama(str(a.model), n_ctx=a.ctx, n_gpu_layers=a.gpu_layers,
-                              n_threads=a.threads, n_threads_batch=a.threads, verbose=True)
-    print(json.dumps({"load_ms": (time.perf_counter() - t0) * 1000}), flush=True)
-    llm.verbose = False  # no timing report on stderr after each answer
-    for _ in sys.stdin:
-        print(json.dumps({"sample": inprocess_once(llm, a)}), flush=True)
-    llm.close()
 
 
 def inprocess_loads(model: Path, args: Any) -> list[float]:
@@ -260,9 +183,6 @@ def said_failed(e: InProcessFailed) -> dict[str, Any]:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--inprocess"]:
-        inprocess_child(sys.argv[2:])
-        return
     p = parser(__doc__ or "")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU (use fewer --layers)")
     p.add_argument("--layers", type=int,

@@ -74,15 +74,82 @@ def device_args(args: Any) -> None:
     args.gpu_layers = 0 if args.cuda_unavailable else -1
 
 
-def load_inprocess(model: Path, args: Any) -> Any:
+class InProcessFailed(RuntimeError):
+    """The llama-cpp-python baseline's process ended before answering (its log's tail)."""
+
+
+class InProcess:
+    """llama-cpp-python in a process of its own, as in-process as it gets: it loads the model
+    (timed there), then streams one answer per line sent to it, timed there. A crash in it
+    (one was seen on an H200, inside the load) is reported with its faulthandler traceback
+    and llama.cpp's log, and the other contenders are measured all the same."""
+
+    def __init__(self, model: Path, args: Any) -> None:
+        import tempfile
+
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by close())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-X", "faulthandler", __file__, "--inprocess", str(model),
+             "--backend", args.backend, "--gpu-layers", str(args.gpu_layers), "--ctx",
+             str(args.ctx), "--threads", str(args.threads), "--max-tokens",
+             str(args.max_tokens)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.load_ms = float(self._reply()["load_ms"])
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line:
+            return json.loads(line)
+        code = self.proc.wait()
+        self.log.seek(0)
+        tail = "\n".join(self.log.read().splitlines()[-40:])
+        raise InProcessFailed(f"the llama-cpp-python process exited with {code}:\n{tail}")
+
+    def once(self) -> Sample:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        ttft, decode, tokens, text = self._reply()["sample"]
+        return ttft, decode, tokens, text
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def inprocess_child(argv: list[str]) -> None:
+    """`bench/stream.py --inprocess MODEL …`: the process behind `InProcess`."""
+    import argparse
+
     import llama_cpp
 
     from worker.engine import extra_buffer_types_wanted, model_params
 
-    with model_params(use_extra_bufts=extra_buffer_types_wanted(args.backend)):
-        return llama_cpp.Llama(str(model), n_ctx=args.ctx, n_threads=args.threads,
-                               n_threads_batch=args.threads, n_gpu_layers=args.gpu_layers,
-                               verbose=False)
+    p = argparse.ArgumentParser()
+    p.add_argument("model", type=Path)
+    for name in ("--backend",):
+        p.add_argument(name, required=True)
+    for name in ("--gpu-layers", "--ctx", "--threads", "--max-tokens"):
+        p.add_argument(name, type=int, required=True)
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    with model_params(use_extra_bufts=extra_buffer_types_wanted(a.backend)):
+        # verbose: llama-cpp-python's quiet mode points fd 2 at /dev/null during the load,
+        # which would hide a crash's faulthandler traceback
+        llm = llama_cpp.Llama(str(a.model), n_ctx=a.ctx, n_gpu_layers=a.gpu_layers,
+                              n_threads=a.threads, n_threads_batch=a.threads, verbose=True)
+    print(json.dumps({"load_ms": (time.perf_counter() - t0) * 1000}), flush=True)
+    llm.verbose = False  # no timing report on stderr after each answer
+    for _ in sys.stdin:
+        print(json.dumps({"sample": inprocess_once(llm, a)}), flush=True)
+    llm.close()
 
 
 def inprocess_once(llm: Any, args: Any) -> Sample:
@@ -91,9 +158,9 @@ def inprocess_once(llm: Any, args: Any) -> Sample:
 
 
 def inprocess(model: Path, args: Any) -> dict[str, Any]:
-    llm = load_inprocess(model, args)
-    samples = [inprocess_once(llm, args) for _ in range(args.runs + 1)][1:]  # 1st warms up
-    llm.close()
+    child = InProcess(model, args)
+    samples = [child.once() for _ in range(args.runs + 1)][1:]  # the first warms up
+    child.close()
     return summarise(samples)
 
 
@@ -191,6 +258,9 @@ def infer_once(box: Sandbox, argv: list[str], args: Any) -> tuple[Sample, dict[s
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--inprocess"]:
+        inprocess_child(sys.argv[2:])
+        return
     p = parser(__doc__ or "")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=5)
