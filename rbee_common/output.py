@@ -81,8 +81,10 @@ def sniff_format(argv: Sequence[str]) -> Format:
     return Format.text
 
 
-def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
-    """Run a typer app: map rbee errors, usage errors and Ctrl+C to output and exit codes."""
+def run_app(app: Any, prog: str, argv: Sequence[str] | None = None,
+            prepare: Callable[[list[str]], list[str]] | None = None) -> None:
+    """Run a typer app: map rbee errors, usage errors and Ctrl+C to output and exit codes.
+    `prepare` may replace the arguments first (its errors are reported like the command's)."""
     import typer
     import typer.main
 
@@ -90,6 +92,9 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
     fmt = sniff_format(args)
     command = typer.main.get_command(app)
     try:
+        if prepare is not None:
+            args = prepare(args)
+            fmt = sniff_format(args)
         rv = command.main(args=args, prog_name=prog, standalone_mode=False)
         code = rv if isinstance(rv, int) else EXIT_OK
     except RbeeError as e:

@@ -81,4 +81,6 @@ def git_pull(fmt: FormatOpt = Format.text) -> None:
 
 
 def main() -> None:
-    run_app(app, "rbee-hive")
+    from rbee_hive.preamble import command_line
+
+    run_app(app, "rbee-hive", prepare=command_line)

@@ -2,6 +2,8 @@
 
 `rbee-hive --stdin-json …` reads one JSON line first: {"env": {...}, "token": "..."}. The
 env is applied to this process; the token is kept for `worker spawn --token-stdin`.
+`rbee-hive --stdin-json` alone (how `rbee` runs every command over SSH) takes the command
+itself from that line too, as "argv": then the host's login shell sees no word of it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,19 @@ def read_preamble() -> None:
     _preamble.update(doc)
     if doc.get("watch_stdin"):
         _exit_when_stdin_closes()
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """The command to run: argv itself, or, for `--stdin-json` alone, the preamble's "argv"
+    (read now, so the root callback does not read it again)."""
+    if argv != ["--stdin-json"]:
+        return argv
+    read_preamble()
+    words = _preamble.get("argv")
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
+        raise UsageError("`rbee-hive --stdin-json` alone expects the command on stdin: "
+                         '"argv", a list of strings, in its first JSON line')
+    return words
 
 
 def _exit_when_stdin_closes() -> None:

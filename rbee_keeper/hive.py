@@ -203,7 +203,7 @@ class CommandHive:
             raise err
         if reply.result is None:
             said = (reply.stderr.strip() or "\n".join(reply.stray)).strip()
-            if "stdin-json" in said or "ndjson" in said:
+            if "stdin-json" in said or "ndjson" in said or "Missing command" in said:
                 raise SchemaMismatch(f"{name}: its rbee-hive is too old to talk to this rbee",
                                      hint=f"Install this rbee there: rbee hosts install {name} "
                                           "--upgrade")

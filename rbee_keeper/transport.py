@@ -256,12 +256,16 @@ def _quiet_paramiko() -> None:
     plog.propagate = False
 
 
-def _remote_command(host: HostConfig, args: list[str]) -> str:
-    """The remote command line: every word quoted; a leading ~/ still means the home dir."""
+def _remote_command(host: HostConfig) -> str:
+    """The remote command line, the same for every command: the host's hive (from hosts.toml;
+    a leading ~/ still means the home dir) and `--stdin-json`. The command's own words (model
+    references, worker ids, URLs) travel on stdin, so none of them meets the host's login
+    shell, whichever it is: fish reads backslashes inside single quotes, csh refuses newlines.
+    """
     hive = host.hive_argv()
     first = hive[0]
     head = '"$HOME"/' + shlex.quote(first[2:]) if first.startswith("~/") else shlex.quote(first)
-    return " ".join([head, *(shlex.quote(a) for a in [*hive[1:], "--stdin-json", *args])])
+    return " ".join([head, *(shlex.quote(a) for a in [*hive[1:], "--stdin-json"])])
 
 
 class SshTransport:
@@ -362,8 +366,8 @@ class SshTransport:
     def run(self, args: list[str], *, secrets: dict[str, str] | None = None,
             on_event: Reporter | None = None, on_line: Callable[[str], None] | None = None,
             timeout: float | None = None) -> HiveReply:
-        command = _remote_command(self.host, args)
-        log.debug("%s$ %s", self.host.name, command)
+        command = _remote_command(self.host)
+        log.debug("%s$ %s %s", self.host.name, command, shlex.join(args))
         chan = self._open_channel()
         try:
             chan.settimeout(timeout)
@@ -371,7 +375,7 @@ class SshTransport:
             # stdin stays open while we wait: the hive ends itself when it closes (we gave
             # up, or the connection dropped), rather than running on unseen
             chan.sendall((json.dumps({"env": self.host.env, "watch_stdin": True,
-                                      **(secrets or {})}) + "\n").encode())
+                                      **(secrets or {}), "argv": args}) + "\n").encode())
             reply = self._read(chan, on_event, on_line, "rbee-hive")
         except TimeoutError as e:
             raise HostUnreachable(f"{self.host.name}: rbee-hive gave no answer within "

@@ -69,6 +69,23 @@ def test_rbee_options_are_checked_before_anything_runs(rbee_env: Env, args: list
     assert r.returncode == 2 and error_of(r)["code"] == "USAGE", r
 
 
+@pytest.mark.parametrize("line", [
+    "not json", '{"env": {}}', '{"argv": "status"}', '{"argv": []}', '{"argv": ["status", 1]}',
+])
+def test_a_hive_command_on_stdin_must_be_a_list_of_words(rbee_env: Env, line: str) -> None:
+    """`rbee-hive --stdin-json` alone reads its command from stdin (how `rbee` runs one over
+    SSH): anything but a list of words is a usage error, not a traceback."""
+    r = run("rbee-hive", "--stdin-json", input=line + "\n", timeout=20)
+    assert r.returncode == 2 and "USAGE" in r.stderr and "Traceback" not in r.stderr, r
+
+
+def test_a_hive_command_on_stdin_runs_as_given(rbee_env: Env) -> None:
+    line = '{"argv": ["models", "info", "no-such-model", "--format", "json"]}'
+    r = run("rbee-hive", "--stdin-json", input=line + "\n", timeout=20)
+    err = error_of(r)
+    assert err["code"] == "MODEL_NOT_FOUND" and "no-such-model" in err["message"], r
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("RBEE_RESERVE_MIB", "abc"), ("RBEE_RESERVE_MIB", "-5"), ("RBEE_MAX_RAM_MIB", "lots"),
     ("RBEE_MAX_RAM_MIB", "0"),

@@ -89,11 +89,19 @@ def _spawned(host: str) -> dict:
     return dict(r.json())
 
 
-def _remote_followers(worker_id: str) -> list[str]:
-    """rbee-hive processes following the worker's log on the host (not the local `rbee`)."""
-    out = subprocess.run(["pgrep", "-f", f"stdin-json worker logs {worker_id}"],
-                         capture_output=True, text=True).stdout
-    return out.split()
+def _remote_hives(pool: SshPool) -> list[int]:
+    """rbee-hive processes the host's sshd runs (the commands `rbee` started there)."""
+    listener = pool.hosts[0].sshd.proc
+    assert listener is not None
+    out = []
+    for pid in _descendants(listener.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a == b"rbee-hive" or a.endswith(b"/rbee-hive") for a in argv):
+            out.append(pid)
+    return out
 
 
 @pytest.fixture
@@ -104,24 +112,41 @@ def remote_worker(ssh_pool: SshPool, tiny_model: Path) -> dict:
     return _spawned("h1")
 
 
-def test_a_remote_command_given_up_on_does_not_run_on(remote_worker: dict) -> None:
+def test_a_remote_command_given_up_on_does_not_run_on(remote_worker: dict,
+                                                      ssh_pool: SshPool) -> None:
     """A long-lived controller (the queen) keeps its SSH connection: a command it stops
     waiting for must end on the host, not run on unseen."""
+    import threading
+
     from rbee_keeper.errors import HostUnreachable
     from rbee_keeper.hive import SshHive
     from rbee_keeper.hosts import load_hosts
 
     hive = SshHive(load_hosts()["h1"])
+    seen: set[int] = set()
+    waiting = threading.Event()
+
+    def look() -> None:
+        while not waiting.is_set():
+            seen.update(_remote_hives(ssh_pool))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=look)
+    watcher.start()
     try:
         with pytest.raises(HostUnreachable, match="no answer within 1s"):
             hive.transport.run(["worker", "logs", remote_worker["id"], "--follow",
                                 "--format", "ndjson"], timeout=1.0)
+        waiting.set()
+        watcher.join()
+        assert seen, "the follower never ran on the host"
         deadline = time.monotonic() + 10
-        while _remote_followers(remote_worker["id"]):
+        while _remote_hives(ssh_pool):
             assert time.monotonic() < deadline, "rbee-hive kept running on the host"
             time.sleep(0.1)
         assert hive.status()["schema"] == "rbee.hive.status/v1"  # the connection lives on
     finally:
+        waiting.set()
         hive.close()
 
 
@@ -130,7 +155,7 @@ def test_a_connection_that_drops_mid_command_is_host_unreachable(
     follow = popen("rbee", "pool", "worker", "logs", remote_worker["id"], "--follow",
                    "--host", "h1", "--format", "json")
     deadline = time.monotonic() + 20
-    while not _remote_followers(remote_worker["id"]):
+    while not _remote_hives(ssh_pool):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     listener = ssh_pool.hosts[0].sshd.proc

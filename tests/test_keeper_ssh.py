@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Env, SshPool
-from tests.helpers import error_of, popen, run
+from tests.helpers import BIN, error_of, popen, run
 from tests.hubserver import HubServer
 
 pytestmark = pytest.mark.ssh
@@ -185,6 +185,32 @@ def test_arguments_with_metacharacters_cross_ssh_quoted(ssh_pool: SshPool, rbee_
     assert r.returncode == 0, r
     assert r.json()["source"] == f"file:{path}"
     assert not marker.exists()
+
+
+def test_no_word_of_a_command_meets_the_hosts_login_shell(ssh_pool: SshPool, rbee_env: Env,
+                                                          tiny_model: Path) -> None:
+    """What the login shell runs is the same for every command (the hive, `--stdin-json`):
+    the command's own words travel on stdin. Quoting alone is not enough: fish reads a
+    backslash inside single quotes, so `\\'` in a URL or a worker id broke out of them."""
+    import shutil
+
+    seen = rbee_env.root / "hive-argv"
+    wrapper = rbee_env.root / "hive-wrapper"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {seen}\n'
+                       f'exec {BIN / "rbee-hive"} "$@"\n')
+    wrapper.chmod(0o755)
+    ssh_pool.start(1, hive=str(wrapper))
+    weird = rbee_env.root / "x\\'$(touch pwned)\"\\'"
+    weird.mkdir()
+    path = Path(shutil.copy(tiny_model, weird / "m.gguf"))
+    r = run("rbee", "pool", "models", "import", str(path), "--id", "weird", "--host", "h1",
+            "--format", "json")
+    assert r.returncode == 0, r
+    assert r.json()["source"] == f"file:{path}"  # arrived exactly
+    r = run("rbee", "pool", "worker", "stop", "--host", "h1", "no-such-worker",
+            "--format", "json")
+    assert error_of(r)["code"] == "WORKER_NOT_FOUND", r
+    assert seen.read_text().splitlines() == ["--stdin-json", "--stdin-json"]
 
 
 def _workers(host: str) -> list[dict]:
