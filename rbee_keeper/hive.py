@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from rbee_common.api import DaemonConnectionLost, DaemonUnreachable
-from rbee_common.errors import RbeeError, RemoteError
+from rbee_common.errors import RbeeError, RemoteError, UsageError
 from rbee_common.progress import Reporter
 from rbee_common.spawning import SpawnRequest
 from rbee_hive.schemas import HIVE_SCHEMA_VERSION, schema_version
@@ -103,6 +103,15 @@ class HiveClient(Protocol):
         ...
 
 
+def word(value: str, what: str) -> str:
+    """A value for one of a hive command's positional arguments, as given: one that starts
+    with "-" would be read as an option (a worker id "--all" would stop every worker)."""
+    if value.startswith("-"):
+        raise UsageError(f"{what} {value!r} is not valid: it starts with '-'",
+                         hint=f"Give the {what} itself, as the hive lists it.")
+    return value
+
+
 class CommandHive:
     """A hive reached by running its CLI (`--format ndjson`) through a transport."""
 
@@ -120,7 +129,7 @@ class CommandHive:
 
     def download(self, ref: str, *, model_id: str | None = None, sha256: str | None = None,
                  on_event: Reporter | None = None) -> Doc:
-        args = ["models", "download", ref]
+        args = ["models", "download", word(ref, "model reference")]
         if model_id:
             args += ["--id", model_id]
         if sha256:
@@ -128,8 +137,9 @@ class CommandHive:
         return self._call(args, on_event=on_event)
 
     def spawn(self, req: SpawnRequest, token: str, on_event: Reporter | None = None) -> Doc:
-        args = ["worker", "spawn", req.backend, "--model", req.model,
-                "--device", ",".join(str(d) for d in req.devices()), "--token-stdin"]
+        args = ["worker", "spawn", word(req.backend, "backend"), "--model",
+                word(req.model, "model"), "--device", ",".join(str(d) for d in req.devices()),
+                "--token-stdin"]
         for flag, value in (("--ctx", req.ctx), ("--port", req.port), ("--bind", req.bind),
                             ("--threads", req.threads), ("--timeout", req.timeout)):
             if value is not None:
@@ -143,7 +153,7 @@ class CommandHive:
         return self._call(args, on_event=on_event, secrets={"token": token})
 
     def stop(self, worker_id: str, timeout: float | None = None) -> Doc:
-        return self._call(["worker", "stop", worker_id], timeout=timeout)
+        return self._call(["worker", "stop", word(worker_id, "worker id")], timeout=timeout)
 
     def lend(self, device: str, *, cache_dir: str | None = None,
              bind: str | None = None) -> Doc:
@@ -158,21 +168,22 @@ class CommandHive:
         return list(self._call(["rpc", "list"]).get("lenders", []))
 
     def stop_lender(self, lender_id: str) -> Doc:
-        return self._call(["rpc", "stop", lender_id])
+        return self._call(["rpc", "stop", word(lender_id, "lender id")])
 
     def stop_all(self, timeout: float | None = None) -> Doc:
         return self._call(["worker", "stop", "--all"], timeout=timeout)
 
     def token(self, worker_id: str) -> str:
-        return str(self._call(["worker", "token", worker_id])["token"])
+        return str(self._call(["worker", "token", word(worker_id, "worker id")])["token"])
 
     def logs(self, worker_id: str, lines: int = 50) -> list[str]:
-        return list(self._call(["worker", "logs", worker_id, "--lines", str(lines)])["lines"])
+        return list(self._call(["worker", "logs", word(worker_id, "worker id"), "--lines",
+                                 str(lines)])["lines"])
 
     def follow_logs(self, worker_id: str, on_line: Callable[[str], None],
                     lines: int = 50) -> None:
-        self.lines(["worker", "logs", worker_id, "--lines", str(lines), "--follow",
-                    "--format", "ndjson"], on_line)
+        self.lines(["worker", "logs", word(worker_id, "worker id"), "--lines", str(lines),
+                    "--follow", "--format", "ndjson"], on_line)
 
     def command(self, args: Sequence[str], *, on_event: Reporter | None = None,
                 secrets: dict[str, str] | None = None) -> Doc:

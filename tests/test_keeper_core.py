@@ -84,3 +84,23 @@ def test_warm_and_cold_infer_documents_have_the_same_placement_shape(
     assert set(cp["chosen"]) == set(wp["chosen"])
     assert wp["chosen"]["worker"] == cold.json()["worker"]["id"]
     assert wp["ctx"] == cp["ctx"]
+
+
+def test_an_id_that_reads_as_an_option_reaches_no_hive(rbee_env: Env,
+                                                       tiny_registered: str) -> None:
+    """A worker id "--all" (from the queen's POST /v2/workers/stop, say) stopped every worker
+    of the host, jobs and all: ids go to the hive as positional words, never as options."""
+    from rbee_common.errors import UsageError
+
+    r = run("rbee-hive", "worker", "spawn", "cpu", "--model", tiny_registered, "--threads", "1",
+            "--format", "json")
+    assert r.returncode == 0, r
+    hive = LocalHive(load_hosts()["localhost"])
+    for call in (hive.stop, hive.token, hive.logs):
+        with pytest.raises(UsageError, match="starts with '-'"):
+            call("--all")
+    with pytest.raises(UsageError):
+        hive.download("--help")
+    (worker,) = hive.workers()
+    assert worker["id"] == r.json()["id"] and worker["state"] == "ready"
+    hive.stop(worker["id"])
