@@ -196,27 +196,34 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def _per_layer(value: Any, layers: int | None) -> list[int] | None:
-    if value is None:
-        return None
+    """A per-layer count (a list, or one number for every layer); None when it is neither."""
     if isinstance(value, list):
-        return [int(v) for v in value]
-    return [int(value)] * (layers or 0)
+        counts = [_int(v) for v in value]
+        return None if any(c is None for c in counts) else [c for c in counts if c is not None]
+    count = _int(value)
+    return None if count is None else [count] * (layers or 0)
 
 
 def _info(version: int, kv: dict[str, Any], params: int, n_tensors: int,
           data_offset: int) -> GgufInfo:
-    arch = kv.get("general.architecture")
+    """What the header says of the model. A key of another type than llama.cpp writes (a
+    string where a number belongs, say) reads as absent: these values reach placement's
+    arithmetic and the terminal."""
+    arch = _str(kv.get("general.architecture"))
     a = f"{arch}." if arch else ""
 
-    def get(key: str) -> Any:
-        return kv.get(a + key)
+    def get(key: str) -> int | None:
+        return _int(kv.get(a + key))
 
     layers = get("block_count")
     embd = get("embedding_length")
-    heads = get("attention.head_count")
-    heads_list = _per_layer(heads, layers)
-    kv_heads_list = _per_layer(get("attention.head_count_kv"), layers) or heads_list
+    heads_list = _per_layer(kv.get(a + "attention.head_count"), layers)
+    kv_heads_list = _per_layer(kv.get(a + "attention.head_count_kv"), layers) or heads_list
     head_max = max(heads_list) if heads_list else None
     default_dim = embd // head_max if embd and head_max else None
     k_len = get("attention.key_length") or default_dim
@@ -225,11 +232,11 @@ def _info(version: int, kv: dict[str, Any], params: int, n_tensors: int,
     if kv_heads_list and k_len and v_len:
         kv_per_token = sum(h * (k_len + v_len) for h in kv_heads_list)
     vocab = kv.get("tokenizer.ggml.tokens")
-    ftype = kv.get("general.file_type")
+    ftype = _int(kv.get("general.file_type"))
     return GgufInfo(
         version=version,
         architecture=arch,
-        name=kv.get("general.name"),
+        name=_str(kv.get("general.name")),
         file_type=FILE_TYPES.get(ftype, str(ftype)) if ftype is not None else None,
         parameters=params,
         tensor_count=n_tensors,

@@ -65,7 +65,7 @@ def _amount_column() -> Any:
                 return Text("")
             if unit == "bytes":
                 return Text.assemble(self._bytes.render(task), " ", self._speed.render(task))
-            return Text(f"{int(task.completed)}/{int(task.total)} {unit}",
+            return Text(f"{int(task.completed)}/{int(task.total)} {clean(str(unit))}",
                         style="progress.download")
 
     return AmountColumn()

@@ -34,9 +34,10 @@ def _stream(client: QueenClient, job_id: str, fmt: Format) -> int:
     doc = client.task(job_id)
     if fmt is Format.text:
         from rbee_common.output import console
+        from rbee_common.textsafe import safe
 
-        console(stderr=True).print(f"[dim]{end.get('tokens_out', 0)} tokens · "
-                                   f"{end.get('stop_reason')} · {job_id}[/]")
+        console(stderr=True).print(f"[dim]{safe(end.get('tokens_out', 0))} tokens · "
+                                   f"{safe(end.get('stop_reason'))} · {safe(job_id)}[/]")
     elif fmt is Format.ndjson:
         write_json({"event": "result", "result": doc})
     else:

@@ -90,8 +90,9 @@ def logs(follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep print
 
     Example: rbee queen logs -f
     """
+    from rbee_common.textsafe import for_terminal
     from rbee_keeper import queen_ctl
 
     for line in queen_ctl.log_lines(lines, follow):
-        sys.stdout.write(line + "\n")
+        sys.stdout.write(for_terminal(line, sys.stdout) + "\n")
         sys.stdout.flush()

@@ -113,7 +113,7 @@ def render_install(doc: Doc) -> None:
         llama = after.get("llama_cpp") or {}
         build = f"llama-cpp-python {llama.get('version')}" + (" +rpc" if llama.get("rpc") else "")
         con.print(f"[bold]{safe(h['name'])}[/]  {INSTALL_VERBS[i['action']]} rbee "
-                  f"{safe(after.get('version'))} ({i['backend']}; {build}) in {took}")
+                  f"{safe(after.get('version'))} ({safe(i['backend'])}; {safe(build)}) in {took}")
         con.print(f"  hive = {safe(i['hive'])} (hosts.toml {i['hosts_toml']})")
         con.print(f"  {_steps(i['check']['checks'])}")
         if i.get("hint"):

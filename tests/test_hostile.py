@@ -50,6 +50,33 @@ def test_a_hostile_model_name_is_shown_literally(rbee_env: Env, name: str) -> No
     assert doc["models"][0]["name"] == name
 
 
+def test_header_values_of_the_wrong_type_read_as_absent(rbee_env: Env) -> None:
+    """A GGUF whose numbers are strings (markup and escape codes in them): they printed raw
+    (a cleared screen, a forged link) and `models info` failed INTERNAL on the arithmetic."""
+    import gguf
+
+    path = rbee_env.root / "odd.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("llama.context_length", f"4096{ESC}]0;owned{ESC}\\[link=https://x]y{ESC}[2J")
+    w.add_string("llama.block_count", "[/]")
+    w.add_string("llama.attention.head_count", "8")
+    w.add_uint32("llama.embedding_length", 64)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = run("rbee-hive", "models", "import", str(path), "--id", "odd")
+    assert r.returncode == 0, r
+    _no_escapes(r.stdout + r.stderr)
+    for args in (["models", "info", "odd"], ["models", "list"], ["status"]):
+        shown = run("rbee-hive", *args)
+        assert shown.returncode == 0, shown
+        _no_escapes(shown.stdout + shown.stderr)
+    info = run("rbee-hive", "models", "info", "odd", "--format", "json").json()["gguf"]
+    assert info["context_length"] is None and info["block_count"] is None, info
+    assert info["head_count"] is None and info["embedding_length"] == 64
+
+
 def test_a_url_with_markup_downloads_and_lists(rbee_env: Env, hub: HubServer,
                                                tiny_bytes: bytes) -> None:
     hub.add_file("[/x]tiny.gguf", tiny_bytes)
