@@ -314,3 +314,27 @@ def test_openai_parameters_pass_through_the_queen_or_are_refused_by_name(
     with pytest.raises(openai.BadRequestError) as e:  # a prompt longer than the context
         client.completions.create(model="tiny", prompt="Hello " * 6000, max_tokens=2)
     assert e.value.code == "context_length_exceeded"
+
+
+def test_a_heartbeat_is_taken_only_for_a_known_host_with_a_hive_status(
+        rbee_env: Env, models: list[str]) -> None:
+    """A heartbeat's status is what placement reads: one without workers killed the
+    scheduler (every later job stayed queued, across restarts too), and one for a host not
+    in hosts.toml made a host nothing can reach."""
+    _hosts(rbee_env, RBEE_WORKER_THREADS="1")
+    q = QueenProc(rbee_env.config, "--poll-interval", "60").start()  # the heartbeat stays
+    try:
+        status = run("rbee-hive", "status", "--format", "json").json()
+        refused = [q.post("/v2/heartbeat", {"host": "localhost", "status": {}}),
+                   q.post("/v2/heartbeat", {"host": "localhost",
+                                            "status": {"schema": status["schema"]}}),
+                   q.post("/v2/heartbeat", {"host": "stranger", "status": status})]
+        assert [(r.status_code, r.json()["error"]["code"]) for r in refused] == [
+            (409, "SCHEMA_MISMATCH"), (400, "INVALID_REQUEST"), (404, "UNKNOWN_HOST")]
+        assert "stranger" not in {h["name"] for h in q.state()["hosts"]}
+        assert q.post("/v2/heartbeat", {"host": "localhost", "status": status}).status_code \
+            == 200
+        job = q.submit(model="tiny", prompt="Hello", max_tokens=3)
+        assert q.wait(job, timeout=30)["state"] == "done"
+    finally:
+        q.stop()

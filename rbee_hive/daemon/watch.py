@@ -154,8 +154,8 @@ class QueenLink:
                          headers={"Authorization": f"Bearer {self.settings.token}",
                                   "Content-Type": "application/json"})
             resp = conn.getresponse()
-            resp.read()
-            return None if resp.status < 300 else f"HTTP {resp.status}"
+            said = resp.read()
+            return None if resp.status < 300 else refusal(resp.status, said)
         except (OSError, http.client.HTTPException) as e:
             return str(e) or type(e).__name__
         finally:
@@ -217,3 +217,14 @@ class Watcher:
         self._signature = sig
         self.last_tick = time.time()
         return doc
+
+
+def refusal(status: int, body: bytes) -> str:
+    """Why the queen refused a heartbeat, in a line: its error's code and message, if any."""
+    from rbee_common.textsafe import clean
+
+    try:
+        err = json.loads(body)["error"]
+        return clean(f"HTTP {status}: {err['code']}: {err['message']}")[:300]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}"

@@ -100,7 +100,8 @@ def queen_of(request: Request) -> Queen:
 def status_for(err: RbeeError) -> int:
     return {"QUEUE_FULL": 429, "JOB_NOT_FOUND": 404, "MODEL_NOT_FOUND": 404,
             "INVALID_MODEL_REF": 400, "INVALID_REQUEST": 400, "UNKNOWN_HOST": 404,
-            "WORKER_NOT_FOUND": 404, "WORKER_BUSY": 409}.get(err.code, 500)
+            "WORKER_NOT_FOUND": 404, "WORKER_BUSY": 409, "SCHEMA_MISMATCH": 409,
+            "USAGE": 400}.get(err.code, 500)
 
 
 Handler = Callable[[Request], Awaitable[Response]]

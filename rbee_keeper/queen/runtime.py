@@ -22,13 +22,14 @@ from typing import Any
 
 from rbee_common.errors import (
     InsufficientMemory,
+    InvalidRequest,
     RbeeError,
     WorkerCrashed,
 )
 from rbee_common.models import ModelSpec
 from rbee_common.names import StopReason, WorkerState
 from rbee_keeper import lifecycle, provision
-from rbee_keeper.errors import NoPlacement
+from rbee_keeper.errors import NoPlacement, UnknownHost
 from rbee_keeper.fanout import fan_out
 from rbee_keeper.hive import Session, SpawnRequest
 from rbee_keeper.hosts import HostConfig
@@ -39,6 +40,7 @@ from rbee_keeper.queen.store import Store
 from rbee_keeper.worker_client import Busy, cancel, execute
 
 log = logging.getLogger("rbee.queen")
+HEARTBEAT_HINT = "Heartbeats come from `rbee-hive daemon` of the same rbee version."
 
 E = JobEventName
 
@@ -251,7 +253,21 @@ class Queen:
         return self.settings.ttl
 
     def heartbeat(self, host: str, status: dict[str, Any]) -> None:
-        """A pool daemon pushed its state: the freshest picture there is."""
+        """A pool daemon pushed its state: the freshest picture there is. Only for a host of
+        hosts.toml, and only a hive status document of this rbee's schema: placement reads it.
+        """
+        from rbee_keeper.hive import checked
+
+        if host not in self.load_hosts():
+            raise UnknownHost(f"a heartbeat for {host!r}, which is not in hosts.toml",
+                              hint="Start the pool daemon from here (rbee pool daemon start "
+                                   "--host NAME), or set RBEE_HOST_NAME to the host's name in "
+                                   "hosts.toml.")
+        status = checked(host, status)
+        if not (isinstance(status.get("workers"), list) and isinstance(status.get("devices"), list)
+                and all(isinstance(x, dict) for x in [*status["workers"], *status["devices"]])):
+            raise InvalidRequest(f"the heartbeat of {host} does not carry a hive status "
+                                 "(workers and devices)", hint=HEARTBEAT_HINT)
         now = time.time()
         with self.cond:
             view = self.hosts.setdefault(host, HostView(host))
@@ -366,7 +382,11 @@ class Queen:
     def _schedule_loop(self) -> None:
         while not self.stopping.is_set():
             with self.cond:
-                started = self._schedule_once()
+                try:
+                    started = self._schedule_once()
+                except Exception:  # a bug must not end scheduling for every later job
+                    log.exception("scheduling failed")
+                    started = False
                 if not started:
                     self.cond.wait(timeout=1.0)
 
@@ -381,6 +401,11 @@ class Queen:
             except RbeeError as e:
                 self.queue.remove(job)
                 self._fail(job, e)
+                continue
+            except Exception as e:  # a bug fails this job, not the scheduler (nor its restart)
+                log.exception("placing job %s failed", job.id)
+                self.queue.remove(job)
+                self._fail(job, RbeeError(f"internal error: {type(e).__name__}: {e}"))
                 continue
             if plan is None:
                 continue
