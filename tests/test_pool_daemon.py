@@ -176,6 +176,8 @@ def test_every_route_but_health_needs_the_token(hive_daemon: Daemon) -> None:
             ("GET", "/v2/workers"), ("GET", "/v2/workers/cpu0-abcdef/logs"),
             ("GET", "/v2/workers/cpu0-abcdef/token"),
             ("POST", "/v2/models/download")} <= set(paths)
+    # the client's path goes to the log as a quoted literal: no forged line, no escape code
+    httpx.get(hive_daemon.url + "/v2/state%0A2026-01-01 INFO rbee.hive.daemon: forged%1b[2J")
     for method, path in paths:
         for headers, reason in (({}, "missing"),
                                 ({"Authorization": "Bearer not-the-token-at-all"}, "wrong"),
@@ -188,8 +190,11 @@ def test_every_route_but_health_needs_the_token(hive_daemon: Daemon) -> None:
             assert r.json()["error"]["code"] == "UNAUTHORIZED", (method, path)
             assert reason in r.json()["error"]["message"]
             assert r.headers["www-authenticate"] == "Bearer"
-    assert "refused a request to /v2/state" in hive_daemon.log()
-    assert hive_daemon.token not in hive_daemon.log()
+    said = hive_daemon.log()
+    assert "refused a request to '/v2/state\\n2026-01-01 INFO" in said, said
+    assert "\x1b" not in said and "\nforged" not in said and "\n2026-01-01 INFO" not in said
+    assert said.count("refused a request") == 1  # then quiet for a minute: a LAN can knock
+    assert hive_daemon.token not in said
 
 
 def test_state_is_the_status_document(tiny_registered: str, rbee_env: Env) -> None:

@@ -391,8 +391,18 @@ def create_app(service: PoolService, token: str, info: Callable[[], Doc] = dict,
     app.state.started = time.time()
     app.state.tasks = set()
 
+    quiet = {"until": 0.0, "count": 0}
+
     def rejected(path: str) -> None:
-        log.warning("refused a request to %s: missing or wrong bearer token", path)
+        """Say so, but at most once a minute (any client on the LAN can knock), and the path
+        as a quoted literal: it is the client's text, and a forged log line is not ours."""
+        now = time.monotonic()
+        if now < quiet["until"]:
+            quiet["count"] += 1
+            return
+        more = f" ({quiet['count']} more in the last minute)" if quiet["count"] else ""
+        quiet.update(until=now + 60.0, count=0)
+        log.warning("refused a request to %r: missing or wrong bearer token%s", path[:100], more)
 
     return BearerAuth(app, token, on_reject=rejected,
                       reject=lambda scope, reason: error_json(_unauthorized(reason), 401))
