@@ -83,10 +83,11 @@ def locate_line(text: str, loc: tuple[Any, ...]) -> int | None:
 
 
 def toml_string(value: str) -> str:
-    """A TOML basic string; JSON's escapes are a subset of TOML's when non-ASCII is kept."""
+    """A TOML basic string; JSON's escapes are a subset of TOML's when non-ASCII is kept
+    (and DEL, which JSON leaves as it is and TOML refuses, is escaped too)."""
     import json
 
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def env_number(name: str, default: float, *, minimum: float = 0, integer: bool = True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -241,9 +242,23 @@ def add_host(name: str, host: HostConfig) -> dict[str, Any]:
             pairs = ", ".join(f"{k} = {toml_string(v)}" for k, v in host.env.items())
             lines.append(f"env = {{ {pairs} }}")
         new = text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
-        atomic_write_bytes(path, new.encode(), mode=HOSTS_MODE)
-        load_hosts()  # what we wrote must read back
+        _write_or_restore(path, new, text if path.is_file() else None,
+                          lambda: load_hosts()[name])
     return _changed("add", name, path)
+
+
+def _write_or_restore(path: Path, new: str, old: str | None, check: Callable[[], Any]) -> None:
+    """Write hosts.toml, then `check` that it reads back; if it does not, put back what was
+    there (or nothing) and raise: a failed edit never leaves a file every command refuses."""
+    atomic_write_bytes(path, new.encode(), mode=HOSTS_MODE)
+    try:
+        check()
+    except Exception:
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(path, old.encode(), mode=HOSTS_MODE)
+        raise
 
 
 def remove_host(name: str) -> dict[str, Any]:
@@ -277,8 +292,10 @@ def set_hive(name: str, hive: str) -> bool:
     stays) or adding it under the table's header; False when it was already so."""
     path = hosts_path()
     with locked(path.with_suffix(".lock")):
-        if get_host(name).hive == hive:
+        current = get_host(name)
+        if current.hive == hive:
             return False
+        validate(HostConfig, {**current.model_dump(exclude_unset=True), "hive": hive}, path, "")
         if not path.is_file():
             raise UsageError(f"{name} is not in a hosts.toml", hint="Add it: rbee hosts add")
         text = path.read_text()
@@ -294,10 +311,11 @@ def set_hive(name: str, hive: str) -> bool:
                 break
         else:
             lines.insert(start + 1, f"hive = {toml_string(hive)}\n")
-        atomic_write_bytes(path, "".join(lines).encode(), mode=HOSTS_MODE)
-        if get_host(name).hive != hive:  # a layout this edit does not understand
-            atomic_write_bytes(path, text.encode(), mode=HOSTS_MODE)
-            raise ConfigInvalid(f"{path}: could not set hive for {name}",
-                                hint=f"Set it by hand under [hosts.{name}]: "
-                                     f"hive = {toml_string(hive)}", file=str(path))
+        def check() -> None:
+            if get_host(name).hive != hive:  # a layout this edit does not understand
+                raise ConfigInvalid(f"{path}: could not set hive for {name}",
+                                    hint=f"Set it by hand under [hosts.{name}]: "
+                                         f"hive = {toml_string(hive)}", file=str(path))
+
+        _write_or_restore(path, "".join(lines), text, check)
     return True

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rbee_common.config import validate
 from rbee_common.errors import RemoteError, UsageError
 from rbee_common.names import BACKENDS
 from rbee_common.progress import Reporter, null_reporter
@@ -25,6 +26,7 @@ from rbee_hive.schemas import HIVE_SCHEMA_VERSION
 from rbee_keeper.errors import InstallFailed, UnknownHost
 from rbee_keeper.fanout import fan_out, overall
 from rbee_keeper.hosts import HostConfig, add_host, get_host, load_hosts, new_host, set_hive
+from rbee_keeper.hostsfile import hosts_path
 from rbee_keeper.wheel import Wheel, build_wheel
 
 Doc = dict[str, Any]
@@ -147,7 +149,8 @@ def install_host(host: HostConfig, wheel: Wheel, opts: InstallOptions,
     when `add`), and check it the way `rbee hosts check` does."""
     result = run_program(host, wheel, opts, report)
     if add:
-        add_host(host.name, host.model_copy(update={"hive": result["hive"]}))
+        add_host(host.name, validate(HostConfig, {**host.model_dump(exclude_unset=True),
+                                                  "hive": result["hive"]}, hosts_path(), ""))
         hosts_toml = "added"
     else:
         hosts_toml = "updated" if set_hive(host.name, result["hive"]) else "unchanged"

@@ -45,6 +45,26 @@ def test_hosts_add_refuses_what_it_could_not_read_back(rbee_env: Env, args: list
     assert not (rbee_env.config / "hosts.toml").exists()
 
 
+def test_an_edit_of_hosts_toml_that_would_not_read_back_changes_nothing(rbee_env: Env) -> None:
+    """`rbee hosts install` writes the hive path its remote program reports: a DEL in it was
+    written raw (TOML refuses it), and every later rbee command failed CONFIG_INVALID."""
+    from rbee_common.errors import ConfigInvalid
+    from rbee_keeper.hosts import HostConfig, add_host, load_hosts, set_hive
+
+    assert run("rbee", "hosts", "add", "gpu1", "--ssh", "me@gpu1").returncode == 0
+    path = rbee_env.config / "hosts.toml"
+    before = path.read_text()
+    with pytest.raises(ConfigInvalid, match="control characters"):
+        set_hive("gpu1", "/opt/rbee/bin/rbee-hive\x7f")
+    unchecked = HostConfig(name="gpu2", ssh="me@gpu2").model_copy(update={"hive": "x\x7f"})
+    with pytest.raises(ConfigInvalid):
+        add_host("gpu2", unchecked)
+    assert path.read_text() == before
+    assert sorted(load_hosts()) == ["gpu1", "localhost"]
+    assert set_hive("gpu1", "/opt/rbee/bin/rbee-hive") is True
+    assert run("rbee", "hosts", "list", "--format", "json").returncode == 0
+
+
 @pytest.mark.parametrize("args", [
     ["--port", "0"], ["--port", "70000"], ["--ctx", "-1"], ["--threads", "0"],
     ["--timeout", "0"], ["--device", "a"], ["--device", "0,1"],  # a CPU worker has one device
