@@ -89,7 +89,8 @@ def queen_env(host: HostConfig) -> dict[str, str]:
     if url is not None:
         env["RBEE_QUEEN_URL"] = url
         with contextlib.suppress(UsageError):  # no token here: the host's env must carry one
-            env["RBEE_QUEEN_TOKEN"] = queen_client.target(url).token
+            env["RBEE_QUEEN_TOKEN"] = queen_client.heartbeat_token(
+                queen_client.target(url).token, host.name)
     return {**env, **{k: v for k, v in host.env.items() if k.startswith("RBEE_QUEEN_")}}
 
 

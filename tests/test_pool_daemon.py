@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from rbee_common.daemon import pid_alive
+from rbee_keeper.queen_client import heartbeat_token
 from tests.conftest import Env, SshHost, SshPool
 from tests.helpers import error_of, run, sse_events
 from tests.hubserver import HubServer
@@ -648,7 +649,9 @@ def test_a_daemon_started_from_the_controller_heartbeats_to_its_queen(
         doc = daemon_start_on(h1, "--heartbeat-interval", "0.5")
         assert doc["queen_url"] == f"http://127.0.0.1:{qport}"
         environ = Path(f"/proc/{doc['pid']}/environ").read_bytes().split(b"\0")
-        assert f"RBEE_QUEEN_TOKEN={qtoken}".encode() in environ
+        # the host holds a heartbeat token good for its own heartbeats, not the queen's own
+        assert f"RBEE_QUEEN_TOKEN={heartbeat_token(qtoken, 'h1')}".encode() in environ
+        assert qtoken.encode() not in Path(f"/proc/{doc['pid']}/environ").read_bytes()
         assert b"RBEE_HOST_NAME=h1" in environ
         assert qtoken.encode() not in Path(f"/proc/{doc['pid']}/cmdline").read_bytes()
 

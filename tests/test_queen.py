@@ -338,3 +338,31 @@ def test_a_heartbeat_is_taken_only_for_a_known_host_with_a_hive_status(
         assert q.wait(job, timeout=30)["state"] == "done"
     finally:
         q.stop()
+
+
+def test_a_hosts_heartbeat_token_is_good_for_its_heartbeats_alone(queen: QueenProc) -> None:
+    """Pool daemons hold a per-host heartbeat token, not the queen's own: a host broken into
+    must not read every job's prompt nor steer the other hosts."""
+    from rbee_keeper.queen_client import heartbeat_token
+
+    status = run("rbee-hive", "status", "--format", "json").json()
+    beat = {"host": "localhost", "status": status}
+
+    def post(path: str, token: str, body: object) -> httpx.Response:
+        return httpx.post(queen.url + path, json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {token}"})
+
+    mine = heartbeat_token(queen.token, "localhost")
+    assert post("/v2/heartbeat", mine, beat).status_code == 200
+    assert post("/v2/heartbeat", queen.token, beat).status_code == 200  # a hand-started daemon
+    for token, body in ((heartbeat_token(queen.token, "other"), beat),
+                        (heartbeat_token("not-the-queens-token", "localhost"), beat),
+                        ("localhost.", beat), (mine, {**beat, "host": "other"})):
+        r = post("/v2/heartbeat", token, body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED", r.text
+    for method, path in (("GET", "/v2/tasks"), ("GET", "/v2/state"), ("POST", "/v2/tasks"),
+                         ("POST", "/v2/workers/stop"), ("GET", "/v1/models")):
+        r = httpx.request(method, queen.url + path, json={}, timeout=30,
+                          headers={"Authorization": f"Bearer {mine}"})
+        assert r.status_code == 401, (method, path, r.text)
+

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from rbee_common import __version__
 from rbee_common.asgi import (
@@ -23,12 +23,14 @@ from rbee_common.asgi import (
     HTTPError,
     error_response,
     event_stream,
+    presented_token,
     read_model,
     sse,
 )
-from rbee_common.errors import InvalidRequest, RbeeError
+from rbee_common.errors import InvalidRequest, RbeeError, Unauthorized
 from rbee_keeper.jobs import FINAL_EVENTS, JobRequest, JobState
 from rbee_keeper.queen.runtime import JobNotFound, Queen, QueueFull
+from rbee_keeper.queen_client import heartbeat_sender
 
 COOKIE = "rbee_queen"
 
@@ -227,7 +229,14 @@ async def state(request: Request) -> Response:
 
 
 async def heartbeat(request: Request) -> Response:
+    """A pool daemon's state. Its token may be the queen's own or that host's heartbeat token
+    (`queen_client.heartbeat_token`), which is good for this route as that host alone."""
+    presented = presented_token(request.scope, COOKIE).decode("latin-1")
+    sender = heartbeat_sender(presented, request.app.state.token)  # BearerAuth let it in
     body: HeartbeatBody = await read_model(request, HeartbeatBody, hint=HINT)
+    if sender not in ("*", body.host):
+        return error_response(Unauthorized(
+            f"this heartbeat token is {sender}'s, not {body.host}'s", hint=HINT), 401)
     await asyncio.to_thread(queen_of(request).heartbeat, body.host, body.status)
     return JSONResponse({"ok": True})
 
@@ -293,8 +302,13 @@ def create_app(queen: Queen, token: str) -> ASGIApp:
 
     app = Starlette(routes=routes(), exception_handlers={404: not_found, 405: not_found})
     app.state.queen = queen
+    app.state.token = token  # the heartbeat route checks its own tokens (see heartbeat)
     # a browser signs in once (ui.py) and sends the token as a cookie from then on
-    wrapped = BearerAuth(ui.BrowserGate(app, token), token, cookie=COOKIE, open_paths=ui.OPEN_PATHS,
-                         reject=ui.reject)
+    def heartbeat_token(scope: Scope, presented: bytes) -> bool:
+        return scope["path"] == "/v2/heartbeat" and heartbeat_sender(
+            presented.decode("latin-1"), token) is not None
+
+    wrapped = BearerAuth(ui.BrowserGate(app, token), token, cookie=COOKIE,
+                         open_paths=ui.OPEN_PATHS, reject=ui.reject, also=heartbeat_token)
     wrapped.state = app.state  # type: ignore[attr-defined]
     return wrapped
