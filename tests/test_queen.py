@@ -80,6 +80,28 @@ def test_openai_sdk_against_the_queen(queen: QueenProc) -> None:
     assert states == [("done", None)] * 4 + [("failed", "MODEL_NOT_FOUND")]
 
 
+def test_a_stream_that_cannot_start_is_an_http_error_as_openai_answers_it(
+        queen: QueenProc) -> None:
+    """OpenAI answers a streamed request for a model it lacks with a 404 before any chunk:
+    clients tell "no such model" from a failure mid-answer by the status."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{queen.url}/v1", api_key=queen.token, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="x", stream=True)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", stream=True,
+                                       messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found"
+    body = e.value.body
+    assert isinstance(body, dict) and body["rbee_code"] == "MODEL_NOT_FOUND" and body["hint"]
+    # a stream that can start still does, its first chunk before its model has loaded
+    stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=4,
+                                       temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == "pqrs"
+
+
 def test_the_jobs_api_streams_events_and_resumes_with_last_event_id(queen: QueenProc) -> None:
     job = queen.submit(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
     events = list(queen.events(job))

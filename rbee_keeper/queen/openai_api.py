@@ -29,6 +29,7 @@ from worker.schemas import ChatCompletionRequest, CompletionRequest, stop_list
 E = JobEventName
 FINISH = {"EOS": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "CANCELLED": "stop"}
 UNTIL_CONTEXT_ENDS = 1_000_000  # a chat without max_tokens runs to EOS or the context's end
+STREAM_DECIDE_S = 2.0  # how long a stream's headers wait for its job to be placed or fail
 STATUS = {"INVALID_REQUEST": 400, "INVALID_MODEL_REF": 404, "MODEL_NOT_FOUND": 404,
           "QUEUE_FULL": 429, "UNAUTHORIZED": 401, "CANCELLED": 499, "WORKER_CRASHED": 502,
           "INSUFFICIENT_VRAM": 503, "INSUFFICIENT_RAM": 503, "NO_PLACEMENT": 503,
@@ -145,6 +146,10 @@ async def _run(request: Request, req: JobRequest, *, chat: bool, stream: bool,
                 "total_tokens": prompt + out}
 
     if stream:
+        error = await _early_error(request, q, job)
+        if error is not None:
+            return openai_error(job_error(error))
+
         async def items() -> AsyncIterator[dict[str, Any]]:
             try:
                 if chat:
@@ -180,17 +185,40 @@ async def _run(request: Request, req: JobRequest, *, chat: bool, stream: bool,
                          "choices": [body_choice], "usage": usage(end, job.tokens)})
 
 
+async def _early_error(request: Request, q: Any, job: LiveJob) -> dict[str, Any] | None:
+    """The error of a job that fails before it is placed (an unknown model, nowhere it
+    fits), so that a stream that cannot start is an HTTP error, as OpenAI answers it. A job
+    still queued after STREAM_DECIDE_S streams from there: its client hears from it then."""
+    async def first() -> dict[str, Any] | None:
+        async for _, name, data in job_events(q, job.id, -1):
+            if name == E.error:
+                return data
+            if name != E.queued:
+                return None
+        return None
+
+    watcher = asyncio.create_task(_watch(request, q, job))
+    try:
+        return await asyncio.wait_for(first(), STREAM_DECIDE_S)
+    except TimeoutError:
+        return None
+    finally:
+        watcher.cancel()
+
+
+async def _watch(request: Request, q: Any, job: LiveJob) -> None:
+    """Cancel the job if its client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            _cancel_if_running(q, job)
+            return
+
+
 async def _wait(request: Request, q: Any, job: LiveJob
                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The job's end (or error); the job is cancelled if the client goes away first."""
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                _cancel_if_running(q, job)
-                return
-
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(_watch(request, q, job))
     try:
         async for _, name, data in job_events(q, job.id, -1):
             if name == E.end:
