@@ -102,6 +102,32 @@ def test_a_stream_that_cannot_start_is_an_http_error_as_openai_answers_it(
     assert "".join(c.choices[0].text for c in stream) == "pqrs"
 
 
+def test_openai_sdk_errors_and_model_lookup_have_openais_shape(queen: QueenProc) -> None:
+    """What an OpenAI client does besides completing: look a model up, meet a wrong key or a
+    route the queen lacks; each answer is in OpenAI's shape, rbee's code and hint beside."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{queen.url}/v1", api_key=queen.token, max_retries=0)
+    model = client.models.retrieve("tiny")
+    assert model.id == "tiny" and model.object == "model" and model.owned_by == "rbee"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.code == "model_not_found"
+    bad = openai.OpenAI(base_url=f"{queen.url}/v1", api_key="not-the-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.code == "invalid_api_key" and e.value.type == "authentication_error"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="tiny", input="x")
+    assert e.value.type == "invalid_request_error"
+    body = e.value.body
+    assert isinstance(body, dict) and body["rbee_code"] == "INVALID_REQUEST" and body["hint"]
+    r = httpx.get(f"{queen.url}/v1/completions", headers=queen.headers, timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{queen.url}/v2/nope", headers=queen.headers, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "INVALID_REQUEST"
+
+
 def test_the_jobs_api_streams_events_and_resumes_with_last_event_id(queen: QueenProc) -> None:
     job = queen.submit(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
     events = list(queen.events(job))
@@ -135,7 +161,12 @@ def test_wrong_token_is_401_on_every_route_but_health(queen: QueenProc) -> None:
         for headers in (bad, {}):
             r = httpx.request(method, queen.url + path, headers=headers, json={}, timeout=10)
             assert r.status_code == 401, (method, path, r.text)
-            assert r.json()["error"]["code"] == "UNAUTHORIZED"
+            err = r.json()["error"]
+            if path.startswith("/v1/"):  # OpenAI clients read OpenAI's shape
+                assert err["code"] == "invalid_api_key", (path, err)
+                assert err["type"] == "authentication_error" and err["rbee_code"] == "UNAUTHORIZED"
+            else:
+                assert err["code"] == "UNAUTHORIZED"
     assert httpx.get(queen.url + "/health", timeout=10).status_code == 200
 
 

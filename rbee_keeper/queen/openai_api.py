@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rbee_common.asgi import HTTPError, event_stream, read_model, sse
-from rbee_common.errors import InvalidRequest, RbeeError, RemoteError
+from rbee_common.errors import InvalidRequest, ModelNotFound, RbeeError, RemoteError
 from rbee_common.openai_errors import openai_body
 from rbee_keeper.jobs import JobEventName, JobRequest
 from rbee_keeper.queen.app import job_events, queen_of
@@ -63,12 +63,28 @@ def guard(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], A
     return handler
 
 
+def _model_entry(m: dict[str, Any], now: int) -> dict[str, Any]:
+    return {"id": m["id"], "object": "model", "created": now, "owned_by": "rbee",
+            "loaded": m["loaded"], "hosts": m["hosts"]}
+
+
 async def models(request: Request) -> Response:
     doc = await asyncio.to_thread(queen_of(request).models_doc)
     now = int(time.time())
-    return JSONResponse({"object": "list", "data": [
-        {"id": m["id"], "object": "model", "created": now, "owned_by": "rbee",
-         "loaded": m["loaded"], "hosts": m["hosts"]} for m in doc["models"]]})
+    return JSONResponse({"object": "list", "data": [_model_entry(m, now)
+                                                    for m in doc["models"]]})
+
+
+async def model(request: Request) -> Response:
+    """One model, as `client.models.retrieve(id)` asks for it."""
+    name = request.path_params["model"]
+    doc = await asyncio.to_thread(queen_of(request).models_doc)
+    for m in doc["models"]:
+        if m["id"] == name:
+            return JSONResponse(_model_entry(m, int(time.time())))
+    raise ModelNotFound(f"no model {name!r} in the catalog or on any host",
+                        hint="List the models with `GET /v1/models` (or `rbee-hive models "
+                             "catalog`).")
 
 
 def _params(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
