@@ -128,6 +128,23 @@ def test_openai_sdk_errors_and_model_lookup_have_openais_shape(queen: QueenProc)
     assert r.status_code == 404 and r.json()["error"]["code"] == "INVALID_REQUEST"
 
 
+def test_queen_logs_prints_its_history_and_returns_unless_asked_to_follow(
+        rbee_env: Env) -> None:
+    from tests.queenproc import free_port
+
+    _hosts(rbee_env)
+    started = run("rbee", "queen", "start", "--port", str(free_port()), "--format", "json")
+    assert started.returncode == 0, started
+    try:
+        log = Path(started.json()["log"])
+        log.write_text(log.read_text() + "".join(f"line {i}\n" for i in range(5)))
+        r = run("rbee", "queen", "logs", "-n", "3", timeout=20)  # it used to follow forever
+        assert r.returncode == 0, r
+        assert r.stdout.splitlines() == ["line 2", "line 3", "line 4"]
+    finally:
+        assert run("rbee", "queen", "stop").returncode == 0
+
+
 def test_the_jobs_api_streams_events_and_resumes_with_last_event_id(queen: QueenProc) -> None:
     job = queen.submit(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
     events = list(queen.events(job))
