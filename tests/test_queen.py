@@ -308,9 +308,15 @@ def test_a_queen_killed_and_restarted_keeps_finished_fails_running_runs_queued(
         assert q2.get(f"/v2/tasks/{finished['id']}").json()["state"] == "done"
         failed = q2.get(f"/v2/tasks/{running}").json()
         assert failed["state"] == "failed" and failed["error"]["code"] == "QUEEN_RESTARTED"
+        # what it had streamed (a second's worth at least) is still on record
+        assert failed["tokens"] > 100 and failed["text"].startswith("pqrstuvwxyz abc")
+        assert len(failed["text"]) == failed["tokens"]  # one letter a token
         assert q2.wait(queued)["text"] == "pqr"
-        names = [e for e, _ in q2.events(running)]
-        assert names[-1] == "error"
+        events = list(q2.events(running))
+        assert [e for e, _ in events][-1] == "error"
+        tokens = [d for e, d in events if e == "token"]
+        assert "".join(d["t"] for d in tokens) == failed["text"]
+        assert [d["i"] for d in tokens] == list(range(len(tokens)))
     finally:
         q2.stop()
 
