@@ -96,10 +96,15 @@ def test_a_stream_that_cannot_start_is_an_http_error_as_openai_answers_it(
     assert e.value.code == "model_not_found"
     body = e.value.body
     assert isinstance(body, dict) and body["rbee_code"] == "MODEL_NOT_FOUND" and body["hint"]
-    # a stream that can start still does, its first chunk before its model has loaded
+    # a stream that can start still does
     stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=4,
                                        temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == "pqrs"
+    # a prompt longer than the worker's context: a 400 as OpenAI sends it, not a chunk
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Hello " * 600, max_tokens=4,
+                                  stream=True)
+    assert e.value.code == "context_length_exceeded"
 
 
 def test_openai_sdk_errors_and_model_lookup_have_openais_shape(queen: QueenProc) -> None:

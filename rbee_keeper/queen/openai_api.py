@@ -29,7 +29,7 @@ from worker.schemas import ChatCompletionRequest, CompletionRequest, stop_list
 E = JobEventName
 FINISH = {"EOS": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "CANCELLED": "stop"}
 UNTIL_CONTEXT_ENDS = 1_000_000  # a chat without max_tokens runs to EOS or the context's end
-STREAM_DECIDE_S = 2.0  # how long a stream's headers wait for its job to be placed or fail
+STREAM_DECIDE_S = 2.0  # how long a stream's headers wait for its first token or its error
 STATUS = {"INVALID_REQUEST": 400, "INVALID_MODEL_REF": 404, "MODEL_NOT_FOUND": 404,
           "QUEUE_FULL": 429, "UNAUTHORIZED": 401, "CANCELLED": 499, "WORKER_CRASHED": 502,
           "INSUFFICIENT_VRAM": 503, "INSUFFICIENT_RAM": 503, "NO_PLACEMENT": 503,
@@ -202,14 +202,15 @@ async def _run(request: Request, req: JobRequest, *, chat: bool, stream: bool,
 
 
 async def _early_error(request: Request, q: Any, job: LiveJob) -> dict[str, Any] | None:
-    """The error of a job that fails before it is placed (an unknown model, nowhere it
-    fits), so that a stream that cannot start is an HTTP error, as OpenAI answers it. A job
-    still queued after STREAM_DECIDE_S streams from there: its client hears from it then."""
+    """The error of a job that fails before its first token (an unknown model, nowhere it
+    fits, a prompt longer than the context), so that a stream that cannot start is an HTTP
+    error, as OpenAI answers it. A job with no token yet after STREAM_DECIDE_S (queued, or a
+    model still loading) streams from there: its client hears of an error then as a chunk."""
     async def first() -> dict[str, Any] | None:
         async for _, name, data in job_events(q, job.id, -1):
             if name == E.error:
                 return data
-            if name != E.queued:
+            if name in (E.token, E.end):
                 return None
         return None
 
