@@ -45,6 +45,20 @@ def openai_error(err: RbeeError, status: int, headers: dict[str, str] | None = N
     return JSONResponse(openai_body(err, status), status_code=status, headers=headers)
 
 
+def is_openai(path: str) -> bool:
+    """Whether the path is under /v1, where clients read OpenAI's error shape."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def shaped(path: str, err: RbeeError, status: int, headers: dict[str, str] | None = None
+           ) -> JSONResponse:
+    """The error as the route's clients read errors: OpenAI's shape under /v1, rbee's
+    envelope elsewhere."""
+    if is_openai(path):
+        return openai_error(err, status, headers)
+    return error_response(err, status, headers)
+
+
 def json_fault(data: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
     """What makes parsed JSON unfit for a route, or None: nesting deeper than `limit`, or a
     string with a lone surrogate (JSON's \\ud800 escapes parse to one, and it can never be

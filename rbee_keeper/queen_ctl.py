@@ -81,8 +81,9 @@ def token_doc() -> dict[str, Any]:
 
 
 def log_lines(lines: int, follow: bool) -> Iterator[str]:
+    """The queen's last log lines, then (with follow) new ones while it runs."""
     files = queen_files()
-    from rbee_common.logfollow import follow
+    from rbee_common.logfollow import follow as follow_file
 
-    yield from follow(files.log_path, lines,
-                                 (lambda: daemon.running(files) is not None) if follow else None)
+    yield from follow_file(files.log_path, lines,
+                           (lambda: daemon.running(files) is not None) if follow else None)

@@ -80,6 +80,76 @@ def test_openai_sdk_against_the_queen(queen: QueenProc) -> None:
     assert states == [("done", None)] * 4 + [("failed", "MODEL_NOT_FOUND")]
 
 
+def test_a_stream_that_cannot_start_is_an_http_error_as_openai_answers_it(
+        queen: QueenProc) -> None:
+    """OpenAI answers a streamed request for a model it lacks with a 404 before any chunk:
+    clients tell "no such model" from a failure mid-answer by the status."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{queen.url}/v1", api_key=queen.token, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="x", stream=True)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", stream=True,
+                                       messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found"
+    body = e.value.body
+    assert isinstance(body, dict) and body["rbee_code"] == "MODEL_NOT_FOUND" and body["hint"]
+    # a stream that can start still does
+    stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=4,
+                                       temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == "pqrs"
+    # a prompt longer than the worker's context: a 400 as OpenAI sends it, not a chunk
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Hello " * 600, max_tokens=4,
+                                  stream=True)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_openai_sdk_errors_and_model_lookup_have_openais_shape(queen: QueenProc) -> None:
+    """What an OpenAI client does besides completing: look a model up, meet a wrong key or a
+    route the queen lacks; each answer is in OpenAI's shape, rbee's code and hint beside."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{queen.url}/v1", api_key=queen.token, max_retries=0)
+    model = client.models.retrieve("tiny")
+    assert model.id == "tiny" and model.object == "model" and model.owned_by == "rbee"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.code == "model_not_found"
+    bad = openai.OpenAI(base_url=f"{queen.url}/v1", api_key="not-the-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.code == "invalid_api_key" and e.value.type == "authentication_error"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="tiny", input="x")
+    assert e.value.type == "invalid_request_error"
+    body = e.value.body
+    assert isinstance(body, dict) and body["rbee_code"] == "INVALID_REQUEST" and body["hint"]
+    r = httpx.get(f"{queen.url}/v1/completions", headers=queen.headers, timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{queen.url}/v2/nope", headers=queen.headers, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "INVALID_REQUEST"
+
+
+def test_queen_logs_prints_its_history_and_returns_unless_asked_to_follow(
+        rbee_env: Env) -> None:
+    from tests.queenproc import free_port
+
+    _hosts(rbee_env)
+    started = run("rbee", "queen", "start", "--port", str(free_port()), "--format", "json")
+    assert started.returncode == 0, started
+    try:
+        log = Path(started.json()["log"])
+        log.write_text(log.read_text() + "".join(f"line {i}\n" for i in range(5)))
+        r = run("rbee", "queen", "logs", "-n", "3", timeout=20)  # it used to follow forever
+        assert r.returncode == 0, r
+        assert r.stdout.splitlines() == ["line 2", "line 3", "line 4"]
+    finally:
+        assert run("rbee", "queen", "stop").returncode == 0
+
+
 def test_the_jobs_api_streams_events_and_resumes_with_last_event_id(queen: QueenProc) -> None:
     job = queen.submit(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
     events = list(queen.events(job))
@@ -113,7 +183,12 @@ def test_wrong_token_is_401_on_every_route_but_health(queen: QueenProc) -> None:
         for headers in (bad, {}):
             r = httpx.request(method, queen.url + path, headers=headers, json={}, timeout=10)
             assert r.status_code == 401, (method, path, r.text)
-            assert r.json()["error"]["code"] == "UNAUTHORIZED"
+            err = r.json()["error"]
+            if path.startswith("/v1/"):  # OpenAI clients read OpenAI's shape
+                assert err["code"] == "invalid_api_key", (path, err)
+                assert err["type"] == "authentication_error" and err["rbee_code"] == "UNAUTHORIZED"
+            else:
+                assert err["code"] == "UNAUTHORIZED"
     assert httpx.get(queen.url + "/health", timeout=10).status_code == 200
 
 
@@ -238,9 +313,15 @@ def test_a_queen_killed_and_restarted_keeps_finished_fails_running_runs_queued(
         assert q2.get(f"/v2/tasks/{finished['id']}").json()["state"] == "done"
         failed = q2.get(f"/v2/tasks/{running}").json()
         assert failed["state"] == "failed" and failed["error"]["code"] == "QUEEN_RESTARTED"
+        # what it had streamed (a second's worth at least) is still on record
+        assert failed["tokens"] > 100 and failed["text"].startswith("pqrstuvwxyz abc")
+        assert len(failed["text"]) == failed["tokens"]  # one letter a token
         assert q2.wait(queued)["text"] == "pqr"
-        names = [e for e, _ in q2.events(running)]
-        assert names[-1] == "error"
+        events = list(q2.events(running))
+        assert [e for e, _ in events][-1] == "error"
+        tokens = [d for e, d in events if e == "token"]
+        assert "".join(d["t"] for d in tokens) == failed["text"]
+        assert [d["i"] for d in tokens] == list(range(len(tokens)))
     finally:
         q2.stop()
 

@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Scope
 
-from rbee_common.asgi import BearerAuth, HTTPError, error_response, openai_error
+from rbee_common.asgi import BearerAuth, HTTPError, shaped
 from rbee_common.errors import InvalidRequest, RbeeError, Unauthorized
 from worker import openai_api, routes
 from worker.engine import Engine
@@ -52,20 +52,6 @@ def label_of(app: Starlette, path: str) -> str:
         if isinstance(route, Route) and route.path_regex.match(path):
             return str(route.name)
     return OTHER
-
-
-def is_openai(path: str) -> bool:
-    """Whether the path is under /v1, where clients read OpenAI's error shape."""
-    return path == "/v1" or path.startswith("/v1/")
-
-
-def shaped(path: str, err: RbeeError, status: int, headers: dict[str, str] | None = None
-           ) -> JSONResponse:
-    """The error as the route's clients read errors: OpenAI's shape under /v1, rbee's
-    envelope elsewhere."""
-    if is_openai(path):
-        return openai_error(err, status, headers)
-    return error_response(err, status, headers)
 
 
 def _endpoint(label: str, fn: Handler) -> Callable[[Request], Awaitable[Response]]:

@@ -25,6 +25,7 @@ from rbee_common.asgi import (
     event_stream,
     presented_token,
     read_model,
+    shaped,
     sse,
 )
 from rbee_common.errors import InvalidRequest, RbeeError, Unauthorized
@@ -281,6 +282,7 @@ def routes() -> list[Route]:
         Route("/v2/workers/stop", g(stop_worker), methods=["POST"]),
         Route("/metrics", g(metrics), methods=["GET"]),
         Route("/v1/models", openai_api.guard(openai_api.models), methods=["GET"]),
+        Route("/v1/models/{model:path}", openai_api.guard(openai_api.model), methods=["GET"]),
         Route("/v1/completions", openai_api.guard(openai_api.completions), methods=["POST"]),
         Route("/v1/chat/completions", openai_api.guard(openai_api.chat), methods=["POST"]),
         *admin.routes(),  # what the web UI needs beyond the jobs API
@@ -297,8 +299,8 @@ def create_app(queen: Queen, token: str) -> ASGIApp:
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         what = "no such route" if status == 404 else "method not allowed"
-        return error_response(InvalidRequest(f"{request.method} {request.url.path}: {what}",
-                                             hint=HINT), status)
+        return shaped(request.url.path, InvalidRequest(
+            f"{request.method} {request.url.path}: {what}", hint=HINT), status)
 
     app = Starlette(routes=routes(), exception_handlers={404: not_found, 405: not_found})
     app.state.queen = queen

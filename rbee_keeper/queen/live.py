@@ -46,6 +46,8 @@ class LiveJob:
     started_at: float | None = None
     attempts: int = 0  # placements retried after a host refused what its picture promised
     first_token_at: float | None = None
+    saved_seq: int = -1  # its events up to this one are in the store (tokens are saved by the
+    saved_at: float = 0.0  # second while it streams, and when it ends)
     _listeners: list[Listener] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

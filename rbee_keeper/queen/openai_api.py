@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from rbee_common.asgi import HTTPError, event_stream, read_model, sse
-from rbee_common.errors import InvalidRequest, RbeeError, RemoteError
+from rbee_common.errors import InvalidRequest, ModelNotFound, RbeeError, RemoteError
 from rbee_common.openai_errors import openai_body
 from rbee_keeper.jobs import JobEventName, JobRequest
 from rbee_keeper.queen.app import job_events, queen_of
@@ -29,6 +29,7 @@ from worker.schemas import ChatCompletionRequest, CompletionRequest, stop_list
 E = JobEventName
 FINISH = {"EOS": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "CANCELLED": "stop"}
 UNTIL_CONTEXT_ENDS = 1_000_000  # a chat without max_tokens runs to EOS or the context's end
+STREAM_DECIDE_S = 2.0  # how long a stream's headers wait for its first token or its error
 STATUS = {"INVALID_REQUEST": 400, "INVALID_MODEL_REF": 404, "MODEL_NOT_FOUND": 404,
           "QUEUE_FULL": 429, "UNAUTHORIZED": 401, "CANCELLED": 499, "WORKER_CRASHED": 502,
           "INSUFFICIENT_VRAM": 503, "INSUFFICIENT_RAM": 503, "NO_PLACEMENT": 503,
@@ -62,12 +63,28 @@ def guard(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], A
     return handler
 
 
+def _model_entry(m: dict[str, Any], now: int) -> dict[str, Any]:
+    return {"id": m["id"], "object": "model", "created": now, "owned_by": "rbee",
+            "loaded": m["loaded"], "hosts": m["hosts"]}
+
+
 async def models(request: Request) -> Response:
     doc = await asyncio.to_thread(queen_of(request).models_doc)
     now = int(time.time())
-    return JSONResponse({"object": "list", "data": [
-        {"id": m["id"], "object": "model", "created": now, "owned_by": "rbee",
-         "loaded": m["loaded"], "hosts": m["hosts"]} for m in doc["models"]]})
+    return JSONResponse({"object": "list", "data": [_model_entry(m, now)
+                                                    for m in doc["models"]]})
+
+
+async def model(request: Request) -> Response:
+    """One model, as `client.models.retrieve(id)` asks for it."""
+    name = request.path_params["model"]
+    doc = await asyncio.to_thread(queen_of(request).models_doc)
+    for m in doc["models"]:
+        if m["id"] == name:
+            return JSONResponse(_model_entry(m, int(time.time())))
+    raise ModelNotFound(f"no model {name!r} in the catalog or on any host",
+                        hint="List the models with `GET /v1/models` (or `rbee-hive models "
+                             "catalog`).")
 
 
 def _params(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
@@ -145,6 +162,10 @@ async def _run(request: Request, req: JobRequest, *, chat: bool, stream: bool,
                 "total_tokens": prompt + out}
 
     if stream:
+        error = await _early_error(request, q, job)
+        if error is not None:
+            return openai_error(job_error(error))
+
         async def items() -> AsyncIterator[dict[str, Any]]:
             try:
                 if chat:
@@ -180,17 +201,41 @@ async def _run(request: Request, req: JobRequest, *, chat: bool, stream: bool,
                          "choices": [body_choice], "usage": usage(end, job.tokens)})
 
 
+async def _early_error(request: Request, q: Any, job: LiveJob) -> dict[str, Any] | None:
+    """The error of a job that fails before its first token (an unknown model, nowhere it
+    fits, a prompt longer than the context), so that a stream that cannot start is an HTTP
+    error, as OpenAI answers it. A job with no token yet after STREAM_DECIDE_S (queued, or a
+    model still loading) streams from there: its client hears of an error then as a chunk."""
+    async def first() -> dict[str, Any] | None:
+        async for _, name, data in job_events(q, job.id, -1):
+            if name == E.error:
+                return data
+            if name in (E.token, E.end):
+                return None
+        return None
+
+    watcher = asyncio.create_task(_watch(request, q, job))
+    try:
+        return await asyncio.wait_for(first(), STREAM_DECIDE_S)
+    except TimeoutError:
+        return None
+    finally:
+        watcher.cancel()
+
+
+async def _watch(request: Request, q: Any, job: LiveJob) -> None:
+    """Cancel the job if its client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            _cancel_if_running(q, job)
+            return
+
+
 async def _wait(request: Request, q: Any, job: LiveJob
                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The job's end (or error); the job is cancelled if the client goes away first."""
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                _cancel_if_running(q, job)
-                return
-
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(_watch(request, q, job))
     try:
         async for _, name, data in job_events(q, job.id, -1):
             if name == E.end:

@@ -43,6 +43,7 @@ log = logging.getLogger("rbee.queen")
 HEARTBEAT_HINT = "Heartbeats come from `rbee-hive daemon` of the same rbee version."
 
 E = JobEventName
+SAVE_PROGRESS_S = 1.0  # how often a streaming job's tokens so far are written to the store
 
 
 class QueueFull(RbeeError):
@@ -649,6 +650,8 @@ class Queen:
             job.text.append(t)
             job.tokens += 1
             job.next_event(E.token, {"t": t, "i": job.tokens - 1})
+            if time.monotonic() - job.saved_at >= SAVE_PROGRESS_S:
+                self._save_progress(job)
 
         with job.cancel.hook(lambda: cancel(worker.url, worker.token, job.id)):
             while True:
@@ -676,6 +679,18 @@ class Queen:
             self.metrics.last_tokens_per_sec = worker.last_tokens_per_sec
         cancelled = end.get("stop_reason") == StopReason.CANCELLED
         self._finish(job, JobState.cancelled if cancelled else JobState.done, E.end, end)
+
+    def _unsaved_tokens(self, job: LiveJob) -> list[tuple[int, str, dict[str, Any]]]:
+        return [e for e in job.events if e[1] == E.token.value and e[0] > job.saved_seq]
+
+    def _save_progress(self, job: LiveJob) -> None:
+        """Write the tokens streamed since the last save (once a second, on the streaming
+        thread: the same one that writes the job's end, so the two never cross)."""
+        events = self._unsaved_tokens(job)
+        if events:
+            self.store.save_progress(job.id, events, "".join(job.text), job.tokens)
+            job.saved_seq = events[-1][0]
+        job.saved_at = time.monotonic()
 
     def _cancelled_end(self) -> dict[str, Any]:
         return {"tokens_out": 0, "stop_reason": StopReason.CANCELLED.value}
@@ -742,10 +757,11 @@ class Queen:
 
     def _finish(self, job: LiveJob, state: JobState, name: JobEventName,
                 data: dict[str, Any]) -> None:
-        """The last transition: the job's token events (kept in memory while it streamed),
-        its text and figures, and its final event, in one transaction."""
+        """The last transition: the job's token events not saved yet (they are saved by the
+        second while it streams), its text and figures, and its final event, in one
+        transaction."""
         event = job.next_event(name, data)
-        tokens = [e for e in job.events if e[1] == E.token.value]
+        tokens = self._unsaved_tokens(job)
         timings = {k: v for k, v in job.timings.items() if v is not None}
         self.store.transition(job.id, job.state, state, events=[*tokens, event],
                               text="".join(job.text), tokens=job.tokens, timings=timings,

@@ -152,6 +152,16 @@ class Store:
                        for seq, name, data in events]
         self._tx(statements, expect_first=1)  # another thread moved it first: a bug
 
+    def save_progress(self, job_id: str, events: Iterable[tuple[int, str, dict[str, Any]]],
+                      text: str, tokens: int) -> None:
+        """What a running job has streamed so far (its new token events, its text), at once:
+        a queen killed mid-job restarts with it on record."""
+        now = time.time()
+        self._tx([("UPDATE jobs SET text = ?, tokens = ?, updated = ? WHERE id = ?",
+                   (text, tokens, now, job_id)),
+                  *(("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                     (job_id, seq, name, json.dumps(data), now)) for seq, name, data in events)])
+
     def add_events(self, job_id: str, events: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
         now = time.time()
         self._tx([("INSERT INTO events VALUES (?, ?, ?, ?, ?)",

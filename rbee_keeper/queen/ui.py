@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from rbee_common.asgi import error_response, presented_token
+from rbee_common.asgi import error_response, presented_token, shaped
 from rbee_common.errors import InvalidRequest, RbeeError, Unauthorized
 from rbee_keeper.queen.app import COOKIE  # the cookie BearerAuth reads the token from
 
@@ -153,9 +153,9 @@ def reject(scope: Scope, reason: str) -> Response:
         "text/html" in headers.get("accept", "")
     if page:
         return RedirectResponse(SIGNIN, status_code=303, headers={"Cache-Control": "no-store"})
-    return error_response(Unauthorized(reason, hint="Sign in at / with `rbee queen token`, or "
-                                                    "send Authorization: Bearer <token>."),
-                          401, {"WWW-Authenticate": "Bearer"})
+    return shaped(scope["path"], Unauthorized(reason, hint="Sign in at / with `rbee queen token`, "
+                                                          "or send Authorization: Bearer <token>."),
+                  401, {"WWW-Authenticate": "Bearer"})
 
 
 def _same_origin(origin: str, headers: dict[str, str]) -> bool:

@@ -147,8 +147,10 @@ export const jobPage = {
       h("h1", {}, "Job ", h("code", {}, id)), body);
     let source = null;
     let closed = false;
-    const text = h("pre", { class: "answer-text", "data-testid": "job-text", tabindex: "0" });
-    const events = h("ol", { class: "events" });
+    // the page fills these two itself; each render places them as they are
+    const text = h("pre", { class: "answer-text", "data-testid": "job-text", tabindex: "0",
+      "data-own": true });
+    const events = h("ol", { class: "events", "data-own": true });
 
     const load = async () => {
       try {

@@ -4,6 +4,10 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
+// The handlers h() attached to each element, so that a live update that keeps an element
+// can give it the handlers of the render that replaces it.
+const handlers = new WeakMap();
+
 // h("tag", {attr: value, onclick: fn}, ...children): an element; strings become text nodes.
 export function h(tag, attrs, ...children) {
   const svg = tag.startsWith("svg:");
@@ -12,6 +16,8 @@ export function h(tag, attrs, ...children) {
     if (value === null || value === undefined || value === false) continue;
     if (key.startsWith("on") && typeof value === "function") {
       el.addEventListener(key.slice(2), value);
+      if (!handlers.has(el)) handlers.set(el, []);
+      handlers.get(el).push([key.slice(2), value]);
     } else if (key === "value" && !svg) {
       el.value = value;
     } else if (key === "checked" || key === "selected" || key === "disabled") {
@@ -32,8 +38,15 @@ export function append(el, children) {
   return el;
 }
 
-// Replace a container's children, keeping what the user was doing: the focused control and
-// the values typed into controls that carry a data-key survive the rebuild.
+// Update a container to the children of a new render, keeping what the user was doing. An
+// element the new render draws again (same tag, and the same key where it has one) is kept,
+// not replaced: a pressed or hovered button, an open <select>, the focus and a selection
+// stay put while the page live-updates. A kept element takes the new render's attributes,
+// text and handlers, so what it does is always what the latest render says; handlers must
+// therefore reach the other controls of their row through the DOM (event.target.closest),
+// not through an element captured when they were built. Values typed into controls that
+// carry data-key survive too. A node marked data-own (one the page keeps and fills itself,
+// such as a streamed answer) is placed as it is.
 export function replaceKeeping(container, ...children) {
   const focused = document.activeElement;
   const focusKey = focused && container.contains(focused) ? focused.dataset.key : null;
@@ -41,17 +54,99 @@ export function replaceKeeping(container, ...children) {
   for (const el of container.querySelectorAll("[data-key]")) {
     if ("value" in el && el.dataset.dirty === "1") values.set(el.dataset.key, el.value);
   }
-  container.replaceChildren();
-  append(container, children);
+  const next = document.createDocumentFragment();
+  append(next, children);
+  morphChildren(container, next);
   for (const el of container.querySelectorAll("[data-key]")) {
-    if (values.has(el.dataset.key)) {
+    if (values.has(el.dataset.key) && el.dataset.dirty !== "1") {
       el.value = values.get(el.dataset.key);
       el.dataset.dirty = "1";
     }
   }
-  if (focusKey) {
+  if (focusKey && !container.contains(document.activeElement)) {
     const again = container.querySelector(`[data-key="${CSS.escape(focusKey)}"]`);
     if (again) again.focus({ preventScroll: true });
+  }
+}
+
+// What identifies an element among its siblings across renders.
+const KEYS = ["data-key", "data-job", "data-host", "data-model", "data-op", "data-worker", "id"];
+
+function keyOf(node) {
+  if (node.nodeType !== Node.ELEMENT_NODE) return null;
+  for (const name of KEYS) {
+    if (node.hasAttribute(name)) return `${name}=${node.getAttribute(name)}`;
+  }
+  return null;
+}
+
+function owned(node) {
+  return node.nodeType === Node.ELEMENT_NODE && node.hasAttribute("data-own");
+}
+
+function sameKind(a, b) {
+  return a.nodeType === b.nodeType && a.nodeName === b.nodeName && !owned(a) && !owned(b);
+}
+
+// Make `parent`'s children those of `next`, reusing a keyed child of the same key wherever
+// it now stands, and an unkeyed one in order when it has the same tag.
+function morphChildren(parent, next) {
+  const keyed = new Map();
+  const unkeyed = [];
+  for (const node of parent.childNodes) {
+    const key = keyOf(node);
+    if (key === null) unkeyed.push(node);
+    else keyed.set(key, node);
+  }
+  let pos = 0;
+  for (const fresh of [...next.childNodes]) {
+    const key = keyOf(fresh);
+    let old = null;
+    if (key !== null) {
+      old = keyed.get(key) ?? null;
+      keyed.delete(key);
+    } else if (unkeyed.length) {
+      old = unkeyed.shift();
+    }
+    let node = fresh;
+    if (old && sameKind(old, fresh)) {
+      morph(old, fresh);
+      node = old;
+    }
+    const here = parent.childNodes[pos] ?? null;
+    if (here !== node) parent.insertBefore(node, here);
+    pos += 1;
+  }
+  while (parent.childNodes.length > pos) parent.lastChild.remove();
+}
+
+function morph(old, fresh) {
+  if (old.nodeType !== Node.ELEMENT_NODE) {
+    if (old.nodeValue !== fresh.nodeValue) old.nodeValue = fresh.nodeValue;
+    return;
+  }
+  for (const { name } of [...old.attributes]) {
+    if (name !== "data-dirty" && !fresh.hasAttribute(name)) old.removeAttribute(name);
+  }
+  for (const { name, value } of fresh.attributes) {
+    if (old.getAttribute(name) === value) continue;
+    // styles through the CSSOM: the page's CSP refuses a style attribute set as markup
+    if (name === "style") old.style.cssText = fresh.style.cssText;
+    else old.setAttribute(name, value);
+  }
+  for (const [type, fn] of handlers.get(old) || []) old.removeEventListener(type, fn);
+  const theirs = handlers.get(fresh) || [];
+  for (const [type, fn] of theirs) old.addEventListener(type, fn);
+  handlers.set(old, theirs);
+  morphChildren(old, fresh);
+  // what the new render set as properties, unless the user has changed them since
+  const control = fresh instanceof HTMLInputElement || fresh instanceof HTMLSelectElement
+    || fresh instanceof HTMLTextAreaElement;
+  if (control && old.dataset.dirty !== "1") {
+    if (old.value !== fresh.value) old.value = fresh.value;
+    if (fresh instanceof HTMLInputElement && old.checked !== fresh.checked) {
+      old.checked = fresh.checked;
+    }
   }
 }
 

@@ -80,6 +80,18 @@ function modelsTable(models, pool) {
     h("tbody", {}, models.map((m) => modelRow(m, hostsUp)))));
 }
 
+// A control of the row a button is in. Handlers read their row through the DOM, not through
+// the elements they were built with: a live update keeps the row's elements and gives them
+// the latest render's handlers (see replaceKeeping).
+function inRow(event, what) {
+  const row = event.target.closest("tr");
+  return row.querySelector(`[data-key="${CSS.escape(`${what}-${row.dataset.model}`)}"]`);
+}
+
+function hostOf(event) {
+  return inRow(event, "host").value;
+}
+
 function modelRow(m, hostsUp) {
   const key = (what) => `${what}-${m.id}`;
   const hostSelect = h("select", { "data-key": key("host"), onchange: dirty,
@@ -109,18 +121,18 @@ function modelRow(m, hostsUp) {
       : h("span", { class: "muted nowrap" }, "no worker")),
     h("td", { "data-label": "Idle TTL" }, h("div", { class: "inline-form nowrap" }, ttl, " s ",
       h("button", { type: "button", class: "small", "data-key": key("ttl-save"),
-        onclick: (e) => saveTtl(e.target, m.id, ttl) }, "Set"))),
+        onclick: (e) => saveTtl(e.target, m.id, inRow(e, "ttl")) }, "Set"))),
     h("td", { "data-label": "On a host" }, hostsUp.length ? h("div", { class: "inline-form nowrap" },
       hostSelect,
       h("button", { type: "button", class: "small", "data-key": key("download"),
         disabled: !canDownload, title: canDownload ? null : "no source to download from",
         onclick: (e) => act(e.target, () => api("/v2/models/download", {
-          method: "POST", body: { host: hostSelect.value, model: m.id } }),
-        `Downloading ${m.id} to ${hostSelect.value}`) }, "Download"),
+          method: "POST", body: { host: hostOf(e), model: m.id } }),
+        `Downloading ${m.id} to ${hostOf(e)}`) }, "Download"),
       h("button", { type: "button", class: "small", "data-key": key("start"),
         onclick: (e) => act(e.target, () => api("/v2/workers/start", {
-          method: "POST", body: { host: hostSelect.value, model: m.id } }),
-        `Starting a worker for ${m.id} on ${hostSelect.value}`) }, "Start worker"))
+          method: "POST", body: { host: hostOf(e), model: m.id } }),
+        `Starting a worker for ${m.id} on ${hostOf(e)}`) }, "Start worker"))
       : h("span", { class: "muted" }, "no host up")));
 }
 
