@@ -90,7 +90,10 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
     fmt = sniff_format(args)
     command = typer.main.get_command(app)
     try:
-        rv = command.main(args=args, prog_name=prog, standalone_mode=False)
+        # not command.main(): typer's main turns Ctrl+C into a bare exit status 130, which
+        # would leave the user (and `--format json | jq`) without the CANCELLED error below
+        with command.make_context(prog, args) as ctx:
+            rv = command.invoke(ctx)
         code = rv if isinstance(rv, int) else EXIT_OK
     except RbeeError as e:
         _debug_traceback()

@@ -1,0 +1,63 @@
+"""Ctrl+C at any point of a command: exit 130 with a CANCELLED error a user (or `jq`) can
+read, never a silent exit or a traceback, and nothing lost that a rerun needs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Env
+from tests.helpers import Result, error_of, popen, run
+from tests.hubserver import HubServer
+
+
+def _big_gguf(env: Env, size: int) -> bytes:
+    """A valid GGUF header padded to `size` bytes (llama.cpp is not asked to load it)."""
+    from tests.tinymodel import write_tiny_model
+
+    head = write_tiny_model(env.root / "pad.gguf").read_bytes()
+    return head + os.urandom(size - len(head))
+
+
+def _interrupt_when(proc: subprocess.Popen[str], part: Path, at_least: int) -> Result:
+    """Press Ctrl+C (SIGINT to the command alone) once `part` holds `at_least` bytes."""
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size >= at_least):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    return Result([], proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_ctrl_c_while_infer_downloads_says_cancelled_and_the_rerun_resumes(
+        hub: HubServer, rbee_env: Env, fmt: str) -> None:
+    body = _big_gguf(rbee_env, 3_000_000)
+    hub.add_file("big.gguf", body)
+    hub.state.bytes_per_sec = 500_000
+    url = f"{hub.url}/files/big.gguf"
+    infer = popen("rbee", "infer", "-m", url, "-p", "Hello", "--format", fmt)
+    r = _interrupt_when(infer, rbee_env.rbee_home / "downloads" / "big.part", 300_000)
+    assert r.returncode == 130, r
+    assert "Traceback" not in r.stderr, r
+    if fmt == "json":
+        err = error_of(r)  # one document on stdout, as every --format json failure prints
+        assert err["code"] == "CANCELLED", r
+        assert "resume" in err["hint"], r
+    else:
+        assert r.stdout == "", r
+        assert "(CANCELLED)" in r.stderr and "resume" in r.stderr, r
+    kept = (rbee_env.rbee_home / "downloads" / "big.part").stat().st_size
+    assert 0 < kept < len(body)
+    hub.state.bytes_per_sec = None
+    done = run("rbee-hive", "models", "download", url, "--format", "json")
+    assert done.returncode == 0, done
+    assert done.json()["resumed_from"] > 0
+    assert done.json()["sha256"] == hashlib.sha256(body).hexdigest()
