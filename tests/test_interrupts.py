@@ -61,3 +61,32 @@ def test_ctrl_c_while_infer_downloads_says_cancelled_and_the_rerun_resumes(
     assert done.returncode == 0, done
     assert done.json()["resumed_from"] > 0
     assert done.json()["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_ctrl_c_while_infer_streams_keeps_the_partial_text_in_json(tiny_registered: str) -> None:
+    spawned = run("rbee-hive", "worker", "spawn", "cpu", "--model", tiny_registered,
+                  "--format", "json")
+    assert spawned.returncode == 0, spawned
+    worker = spawned.json()["id"]
+    infer = popen("rbee", "infer", "-m", tiny_registered, "-p", "Hello", "--max-tokens", "30000",
+                  "--format", "json")
+    deadline = time.monotonic() + 20
+    while run("rbee-hive", "worker", "health", worker, "--format", "json").json().get(
+            "status") != "busy":
+        assert time.monotonic() < deadline and infer.poll() is None, infer.communicate()
+        time.sleep(0.1)
+    time.sleep(0.3)
+    infer.send_signal(signal.SIGINT)
+    out, err = infer.communicate(timeout=30)
+    r = Result([], infer.returncode, out, err)
+    assert r.returncode == 130, r
+    doc = error_of(r)
+    assert doc["code"] == "CANCELLED", r
+    # what the worker generated before Ctrl+C is kept, as a crash keeps it
+    assert doc["details"]["tokens"] > 0 and doc["details"]["text"].startswith("pqrstuvwxyz"), r
+    health = run("rbee-hive", "worker", "health", worker, "--format", "json").json()
+    deadline = time.monotonic() + 10
+    while health.get("status") != "ready":  # the job was cancelled on the worker too
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+        health = run("rbee-hive", "worker", "health", worker, "--format", "json").json()
