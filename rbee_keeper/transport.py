@@ -197,6 +197,11 @@ def fingerprint(key: Any) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+def known_hosts_name(hostname: str, port: int) -> str:
+    """How OpenSSH (and paramiko) name a host in known_hosts: `[host]:port` off port 22."""
+    return hostname if port == 22 else f"[{hostname}]:{port}"
+
+
 def _known_hosts_file(ssh_config: dict[str, Any]) -> Path:
     configured = ssh_config.get("userknownhostsfile")
     if isinstance(configured, list):
@@ -301,7 +306,8 @@ class SshTransport:
                 except RbeeError:
                     raise  # host key policy: no retry
                 except Exception as e:
-                    last = self._map_error(e, target, port or 22)
+                    last = self._map_error(e, target, conn.port,
+                                           _known_hosts_file(dict(conn.ssh_config)), conn.host)
                     conn.close()
                     if not isinstance(last, HostUnreachable):
                         raise last from e
@@ -314,13 +320,21 @@ class SshTransport:
         """The live paramiko Transport of this host's connection (for port forwarding)."""
         return self._connect().transport
 
-    def _map_error(self, e: Exception, target: str, port: int) -> RbeeError:
+    def _map_error(self, e: Exception, target: str, port: int, known_hosts: Path,
+                   hostname: str) -> RbeeError:
         import paramiko
 
         where = f"{self.host.name} ({target}:{port})"
         if isinstance(e, paramiko.BadHostKeyException):
-            return HostKeyMismatch(f"the SSH host key of {where} has CHANGED: expected "
-                                   f"{fingerprint(e.expected_key)}, got {fingerprint(e.key)}")
+            # the name its line has in known_hosts (a ProxyJump hop is reached on port 22
+            # unless its own config says otherwise: name the host alone then)
+            name = known_hosts_name(e.hostname, port if e.hostname == hostname else 22)
+            return HostKeyMismatch(
+                f"the SSH host key of {where} has CHANGED: expected "
+                f"{fingerprint(e.expected_key)}, got {fingerprint(e.key)}",
+                hint="If the host was reinstalled, remove its old key with `ssh-keygen -f "
+                     f"{shlex.quote(str(known_hosts))} -R {shlex.quote(name)}`; otherwise do "
+                     "not connect.", known_hosts=str(known_hosts), known_hosts_name=name)
         if isinstance(e, paramiko.AuthenticationException):
             return SshAuthFailed(f"{where} refused our SSH keys: {e}")
         if isinstance(e, socket.gaierror):
