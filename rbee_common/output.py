@@ -97,6 +97,8 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
         code = rv if isinstance(rv, int) else EXIT_OK
     except RbeeError as e:
         _debug_traceback()
+        if isinstance(e, UsageError) and not e.hint:  # every error says what to do next
+            e.hint = f"Run `{command_path(command, prog, args)} --help`."
         emit_error(e, fmt)
         code = e.exit_code
     except typer.Exit as e:
@@ -122,6 +124,20 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
         code = EXIT_FAILURE
     sys.stdout.flush()
     sys.exit(code)
+
+
+def command_path(command: Any, prog: str, args: Sequence[str]) -> str:
+    """The (sub)command a command line names, e.g. `rbee pool status`: whose --help to read."""
+    words = [prog]
+    for arg in args:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None:
+            if arg.startswith("-"):
+                continue  # an option of a group, e.g. --stdin-json: look further
+            break
+        words.append(arg)
+        command = sub
+    return " ".join(words)
 
 
 def _debug_traceback() -> None:
