@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from rbee_common.errors import Interrupted
 from rbee_common.estimate import Estimate, estimate, human_bytes, max_ctx_that_fits
 from rbee_common.files import atomic_write_bytes
 from rbee_common.fit import Fit, Room, default_ctx, fit, holders, room_of
@@ -307,6 +308,21 @@ def wait_ready(record: dict[str, Any], proc: subprocess.Popen[bytes] | None, tim
     report({"event": "phase", "phase": phase, "total": None,
             "message": f"Loading {record['model']} on {record['backend']}:{record['device']}"})
     started = time.monotonic()
+    try:
+        return _poll_ready(reg, record, proc, timeout, started, report)
+    except KeyboardInterrupt:  # Ctrl+C while it loads: the user wants no worker after all
+        terminate(record["pid"], wid, grace=5.0, cuda_devices=cuda_devices_of(record))
+        with reg.lock():
+            reg.remove(wid)
+        raise Interrupted(f"interrupted while worker {wid} loaded; stopped it",
+                          hint="Run the same command again to start one.",
+                          worker_id=wid) from None
+
+
+def _poll_ready(reg: Registry, record: dict[str, Any], proc: subprocess.Popen[bytes] | None,
+                timeout: float, started: float, report: Reporter) -> dict[str, Any]:
+    """wait_ready's loop: the ready record, or the error that says why not."""
+    wid, phase = record["id"], "load"
     while True:
         raise_if_exited(reg, record, proc, lambda code, tail: WorkerCrashed(
             f"worker {wid} exited with status {code} while loading",

@@ -88,6 +88,31 @@ def _drain(stream: Any, sink: list[bytes]) -> threading.Thread:
     return t
 
 
+INTERRUPT_GRACE = 30.0  # how long a Ctrl+C'd hive may take to finish (stop a loading worker)
+
+
+def _interrupted(proc: subprocess.Popen[bytes], reply: HiveReply, on_event: Reporter | None,
+                 on_line: Callable[[str], None] | None) -> None:
+    """Ctrl+C while the hive works: hand it the Ctrl+C, so it ends as it would at a terminal
+    (a download keeps its bytes, a loading worker is stopped), and read what it says. Its
+    error (CANCELLED, with what it did) is the reply; without one, the interrupt goes on. A
+    second Ctrl+C stops waiting; the caller's `finally` kills the hive then."""
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout is not None
+    killer = threading.Timer(INTERRUPT_GRACE, proc.kill)
+    killer.daemon = True
+    killer.start()
+    try:
+        for raw in proc.stdout:
+            reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+    finally:
+        killer.cancel()
+    if reply.error is None:
+        raise KeyboardInterrupt
+
+
 class LocalTransport:
     """rbee-hive as a subprocess of this controller: the `transport = "local"` host."""
 
@@ -112,8 +137,11 @@ class LocalTransport:
         argv += args
         env = {**os.environ, **self.host.env}
         try:
+            # a process group of its own: a terminal's Ctrl+C reaches this controller alone,
+            # which hands the hive exactly one (see _interrupted)
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                    process_group=0)
         except FileNotFoundError as e:
             raise HiveNotInstalled(f"{argv[0]!r} not found on this machine",
                                    hint="Install rbee here, or set hive = \"/path/to/rbee-hive\" "
@@ -138,8 +166,11 @@ class LocalTransport:
             timer.daemon = True
             timer.start()
         try:
-            for raw in proc.stdout:
-                reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+            try:
+                for raw in proc.stdout:
+                    reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+            except KeyboardInterrupt:
+                _interrupted(proc, reply, on_event, on_line)
             reply.exit_code = proc.wait()
         finally:
             if timer is not None:

@@ -90,3 +90,51 @@ def test_ctrl_c_while_infer_streams_keeps_the_partial_text_in_json(tiny_register
         assert time.monotonic() < deadline, health
         time.sleep(0.1)
         health = run("rbee-hive", "worker", "health", worker, "--format", "json").json()
+
+
+def _loading_record(env: Env, proc: subprocess.Popen[str]) -> dict:
+    """The record of the worker `proc` is starting, once its process exists."""
+    import json
+
+    deadline = time.monotonic() + 20
+    while True:
+        for path in (env.rbee_home / "workers").glob("*.json"):
+            record = json.loads(path.read_text())
+            if record.get("pid"):
+                return record
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+
+
+def test_ctrl_c_while_a_worker_loads_stops_it(rbee_env: Env, tiny_registered: str) -> None:
+    spawn = popen("rbee-hive", "worker", "spawn", "cpu", "--model", tiny_registered,
+                  "--format", "json")
+    record = _loading_record(rbee_env, spawn)
+    spawn.send_signal(signal.SIGINT)  # while the worker starts: it must not run on unasked
+    out, err = spawn.communicate(timeout=30)
+    r = Result([], spawn.returncode, out, err)
+    assert r.returncode == 130, r
+    doc = error_of(r)
+    assert doc["code"] == "CANCELLED" and doc["details"]["worker_id"] == record["id"], r
+    assert _gone(record["pid"]), "the worker runs on, unasked for"
+    listed = run("rbee-hive", "worker", "list", "--format", "json")
+    assert listed.json()["workers"] == [], listed
+
+
+def _gone(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split()[2] == "Z"
+
+
+def test_ctrl_c_while_infer_starts_a_worker_stops_it(rbee_env: Env, tiny_registered: str) -> None:
+    infer = popen("rbee", "infer", "-m", tiny_registered, "-p", "Hello", "--format", "json")
+    record = _loading_record(rbee_env, infer)
+    infer.send_signal(signal.SIGINT)
+    out, err = infer.communicate(timeout=60)
+    r = Result([], infer.returncode, out, err)
+    assert r.returncode == 130, r
+    doc = error_of(r)
+    assert doc["code"] == "CANCELLED" and doc["details"]["worker_id"] == record["id"], r
+    assert _gone(record["pid"]), "the worker runs on, unasked for"
+    listed = run("rbee-hive", "worker", "list", "--format", "json")
+    assert listed.json()["workers"] == [], listed
