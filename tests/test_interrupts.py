@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import Env, SshPool
 from tests.helpers import Result, error_of, popen, run
 from tests.hubserver import HubServer
 
@@ -92,13 +92,13 @@ def test_ctrl_c_while_infer_streams_keeps_the_partial_text_in_json(tiny_register
         health = run("rbee-hive", "worker", "health", worker, "--format", "json").json()
 
 
-def _loading_record(env: Env, proc: subprocess.Popen[str]) -> dict:
+def _loading_record(rbee_home: Path, proc: subprocess.Popen[str]) -> dict:
     """The record of the worker `proc` is starting, once its process exists."""
     import json
 
     deadline = time.monotonic() + 20
     while True:
-        for path in (env.rbee_home / "workers").glob("*.json"):
+        for path in (rbee_home / "workers").glob("*.json"):
             record = json.loads(path.read_text())
             if record.get("pid"):
                 return record
@@ -109,7 +109,7 @@ def _loading_record(env: Env, proc: subprocess.Popen[str]) -> dict:
 def test_ctrl_c_while_a_worker_loads_stops_it(rbee_env: Env, tiny_registered: str) -> None:
     spawn = popen("rbee-hive", "worker", "spawn", "cpu", "--model", tiny_registered,
                   "--format", "json")
-    record = _loading_record(rbee_env, spawn)
+    record = _loading_record(rbee_env.rbee_home, spawn)
     spawn.send_signal(signal.SIGINT)  # while the worker starts: it must not run on unasked
     out, err = spawn.communicate(timeout=30)
     r = Result([], spawn.returncode, out, err)
@@ -128,7 +128,7 @@ def _gone(pid: int) -> bool:
 
 def test_ctrl_c_while_infer_starts_a_worker_stops_it(rbee_env: Env, tiny_registered: str) -> None:
     infer = popen("rbee", "infer", "-m", tiny_registered, "-p", "Hello", "--format", "json")
-    record = _loading_record(rbee_env, infer)
+    record = _loading_record(rbee_env.rbee_home, infer)
     infer.send_signal(signal.SIGINT)
     out, err = infer.communicate(timeout=60)
     r = Result([], infer.returncode, out, err)
@@ -137,4 +137,26 @@ def test_ctrl_c_while_infer_starts_a_worker_stops_it(rbee_env: Env, tiny_registe
     assert doc["code"] == "CANCELLED" and doc["details"]["worker_id"] == record["id"], r
     assert _gone(record["pid"]), "the worker runs on, unasked for"
     listed = run("rbee-hive", "worker", "list", "--format", "json")
+    assert listed.json()["workers"] == [], listed
+
+
+@pytest.mark.ssh
+def test_ctrl_c_while_infer_starts_a_worker_over_ssh_stops_it(ssh_pool: SshPool,
+                                                              tiny_model: Path) -> None:
+    (h1,) = ssh_pool.start(1)
+    imported = run("rbee", "pool", "models", "import", str(tiny_model), "--id", "tiny",
+                   "--host", "h1", "--format", "json")
+    assert imported.returncode == 0, imported
+    infer = popen("rbee", "infer", "-m", "tiny", "-p", "Hello", "--host", "h1",
+                  "--format", "json")
+    record = _loading_record(h1.rbee_home, infer)
+    infer.send_signal(signal.SIGINT)
+    out, err = infer.communicate(timeout=60)
+    assert infer.returncode == 130, (out, err)
+    assert error_of(Result([], 130, out, err))["code"] == "CANCELLED"
+    deadline = time.monotonic() + 20  # the host sees its stdin close, then stops the worker
+    while not _gone(record["pid"]):
+        assert time.monotonic() < deadline, "the worker runs on, unasked for"
+        time.sleep(0.1)
+    listed = run("rbee", "workers", "list", "--format", "json")
     assert listed.json()["workers"] == [], listed
