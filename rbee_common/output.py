@@ -96,6 +96,7 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
             rv = command.invoke(ctx)
         code = rv if isinstance(rv, int) else EXIT_OK
     except RbeeError as e:
+        _ignore_interrupts()
         _debug_traceback()
         if isinstance(e, UsageError) and not e.hint:  # every error says what to do next
             e.hint = f"Run `{command_path(command, prog, args)} --help`."
@@ -109,6 +110,7 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
         emit_error(UsageError(e.format_message(), hint=f"Run `{ctx_path} --help`."), fmt)
         code = EXIT_USAGE if e.exit_code == EXIT_USAGE else EXIT_FAILURE
     except (KeyboardInterrupt, typer.Abort):
+        _ignore_interrupts()
         emit_error(Interrupted("interrupted", hint=""), fmt)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -122,8 +124,19 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None) -> None:
                         hint="Run again with RBEE_DEBUG=1 for the traceback and report it.")
         emit_error(err, fmt)
         code = EXIT_FAILURE
+    _ignore_interrupts()
     sys.stdout.flush()
     sys.exit(code)
+
+
+def _ignore_interrupts() -> None:
+    """The command is over: a second Ctrl+C must not cut its report short with a traceback
+    (or end the process by the signal, with another status than the one reported)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def command_path(command: Any, prog: str, args: Sequence[str]) -> str:

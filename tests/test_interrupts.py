@@ -160,3 +160,22 @@ def test_ctrl_c_while_infer_starts_a_worker_over_ssh_stops_it(ssh_pool: SshPool,
         time.sleep(0.1)
     listed = run("rbee", "workers", "list", "--format", "json")
     assert listed.json()["workers"] == [], listed
+
+
+def test_a_second_ctrl_c_while_the_first_is_reported_prints_no_traceback(
+        hub: HubServer, rbee_env: Env) -> None:
+    body = _big_gguf(rbee_env, 3_000_000)
+    hub.add_file("big.gguf", body)
+    hub.state.bytes_per_sec = 500_000
+    proc = popen("rbee-hive", "models", "download", f"{hub.url}/files/big.gguf")
+    part = rbee_env.rbee_home / "downloads" / "big.part"
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > 200_000):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # an impatient user presses Ctrl+C twice
+    time.sleep(0.03)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "(CANCELLED)" in err, err
