@@ -83,7 +83,8 @@ def test_ctrl_c_while_infer_streams_keeps_the_partial_text_in_json(tiny_register
     doc = error_of(r)
     assert doc["code"] == "CANCELLED", r
     # what the worker generated before Ctrl+C is kept, as a crash keeps it
-    assert doc["details"]["tokens"] > 0 and doc["details"]["text"].startswith("pqrstuvwxyz"), r
+    text = doc["details"]["text"]
+    assert doc["details"]["tokens"] > 0 and text and "pqrstuvwxyz".startswith(text[:11]), r
     health = run("rbee-hive", "worker", "health", worker, "--format", "json").json()
     deadline = time.monotonic() + 10
     while health.get("status") != "ready":  # the job was cancelled on the worker too
