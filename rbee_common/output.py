@@ -95,10 +95,16 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None,
         if prepare is not None:
             args = prepare(args)
             fmt = sniff_format(args)
-        rv = command.main(args=args, prog_name=prog, standalone_mode=False)
+        # not command.main(): typer's main turns Ctrl+C into a bare exit status 130, which
+        # would leave the user (and `--format json | jq`) without the CANCELLED error below
+        with command.make_context(prog, args) as ctx:
+            rv = command.invoke(ctx)
         code = rv if isinstance(rv, int) else EXIT_OK
     except RbeeError as e:
+        _ignore_interrupts()
         _debug_traceback()
+        if isinstance(e, UsageError) and not e.hint:  # every error says what to do next
+            e.hint = f"Run `{command_path(command, prog, args)} --help`."
         emit_error(e, fmt)
         code = e.exit_code
     except typer.Exit as e:
@@ -109,6 +115,7 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None,
         emit_error(UsageError(e.format_message(), hint=f"Run `{ctx_path} --help`."), fmt)
         code = EXIT_USAGE if e.exit_code == EXIT_USAGE else EXIT_FAILURE
     except (KeyboardInterrupt, typer.Abort):
+        _ignore_interrupts()
         emit_error(Interrupted("interrupted", hint=""), fmt)
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -122,8 +129,33 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None,
                         hint="Run again with RBEE_DEBUG=1 for the traceback and report it.")
         emit_error(err, fmt)
         code = EXIT_FAILURE
+    _ignore_interrupts()
     sys.stdout.flush()
     sys.exit(code)
+
+
+def _ignore_interrupts() -> None:
+    """The command is over: a second Ctrl+C must not cut its report short with a traceback
+    (or end the process by the signal, with another status than the one reported)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def command_path(command: Any, prog: str, args: Sequence[str]) -> str:
+    """The (sub)command a command line names, e.g. `rbee pool status`: whose --help to read."""
+    words = [prog]
+    for arg in args:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None:
+            if arg.startswith("-"):
+                continue  # an option of a group, e.g. --stdin-json: look further
+            break
+        words.append(arg)
+        command = sub
+    return " ".join(words)
 
 
 def _debug_traceback() -> None:

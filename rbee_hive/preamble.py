@@ -18,6 +18,7 @@ from rbee_common.errors import UsageError
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _preamble: dict[str, Any] = {}
+STDIN_CLOSED_GRACE = 30.0  # seconds a command has to end after its controller went away
 
 
 def read_preamble() -> None:
@@ -56,6 +57,7 @@ def _exit_when_stdin_closes() -> None:
     instead of running on unseen on the host."""
     import signal
     import threading
+    import time
 
     def watch() -> None:
         # the raw descriptor, not sys.stdin: a thread blocked inside a buffered reader holds
@@ -65,6 +67,10 @@ def _exit_when_stdin_closes() -> None:
                 pass
         except OSError:
             pass
+        # end as a Ctrl+C here would (a download keeps its bytes, a loading worker is
+        # stopped); a command that cannot, within the grace, is terminated
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(STDIN_CLOSED_GRACE)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from rbee_common.errors import Interrupted
 from rbee_common.estimate import Estimate, estimate, human_bytes, max_ctx_that_fits
 from rbee_common.files import atomic_write_bytes
 from rbee_common.fit import Fit, Room, default_ctx, fit, holders, room_of
@@ -133,11 +134,36 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
     est = model_estimate(model, ctx)
     bind = bind or os.environ.get("RBEE_WORKER_BIND") or "127.0.0.1"
     token = token or secrets.token_urlsafe(32)
+    started: list[str] = []  # the id of each worker started, as soon as its record exists
+    try:
+        return _start_and_wait(model, est, devs, inventory, backend=backend, port=port,
+                               bind=bind, ctx=ctx, token=token, threads=threads,
+                               tensor_split=tensor_split, lenders=lenders, wait=wait,
+                               timeout=timeout, report=report, started=started)
+    except KeyboardInterrupt:  # Ctrl+C while it starts: the user wants no worker after all
+        if not started:
+            raise
+        from rbee_hive.workers import stop
+
+        stop(started[-1], grace=5.0)
+        raise Interrupted(f"interrupted while worker {started[-1]} loaded; stopped it",
+                          hint="Run the same command again to start one.",
+                          worker_id=started[-1]) from None
+
+
+def _start_and_wait(model: dict[str, Any], est: Estimate, devs: list[dict[str, Any]],
+                    inventory: dict[str, Any], *, backend: str, port: int | None, bind: str,
+                    ctx: int, token: str, threads: int | None,
+                    tensor_split: Sequence[float] | None, lenders: list[LenderInfo],
+                    wait: bool, timeout: float, report: Reporter, started: list[str]
+                    ) -> dict[str, Any]:
+    """Start the worker and wait for it, on another port if one is taken meanwhile."""
     tried: set[int] = set()
     for attempt in range(1, PORT_ATTEMPTS + 1):
         record, proc = _start(model, est, devs, inventory, backend=backend, port=port,
                               bind=bind, ctx=ctx, token=token, threads=threads,
-                              tensor_split=tensor_split, avoid=tried, lenders=lenders)
+                              tensor_split=tensor_split, avoid=tried, lenders=lenders,
+                              started=started)
         if not wait:
             return record
         try:
@@ -227,7 +253,8 @@ def _start(model: dict[str, Any], est: Estimate, devs: list[dict[str, Any]],
            inventory: dict[str, Any], *, backend: str, port: int | None,
            bind: str, ctx: int, token: str, threads: int | None,
            tensor_split: Sequence[float] | None, avoid: set[int],
-           lenders: list[LenderInfo]) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
+           lenders: list[LenderInfo], started: list[str] | None = None
+           ) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
     """Admit, choose a port and start one worker process; its record exists before it does."""
     reg = Registry()
     reg.dir.mkdir(parents=True, exist_ok=True)
@@ -271,6 +298,8 @@ def _start(model: dict[str, Any], est: Estimate, devs: list[dict[str, Any]],
             # point leaves no worker without a record (its pid is found by its id if need be)
             try:
                 reg.save(record)
+                if started is not None:
+                    started.append(wid)
                 atomic_write_bytes(reg.token_path(wid), token.encode(), mode=0o600)
             except OSError as e:
                 reg.remove(wid)

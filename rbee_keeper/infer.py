@@ -238,11 +238,17 @@ def dispatch(worker: cache.KnownWorker, req: InferRequest, job_id: str,
     """Stream the job on the worker; on 503, retry after Retry-After for up to `wait` s."""
     deadline = time.monotonic() + wait
     url = worker.url
+    got: list[str] = []  # what arrived, kept in the error if the user stops the job
+
+    def collect(t: str) -> None:
+        got.append(t)
+        on_text(t)
+
     with cancel_.hook(lambda: cancel(url, worker.token, job_id)):
         while True:
             cancel_.check(job_id)
             try:
-                return execute(url, worker.token, req.body(job_id), on_text)
+                return execute(url, worker.token, req.body(job_id), collect)
             except Busy as e:
                 if time.monotonic() + e.retry_after > deadline:
                     if wait <= 0:
@@ -252,7 +258,8 @@ def dispatch(worker: cache.KnownWorker, req: InferRequest, job_id: str,
                 time.sleep(e.retry_after)
             except KeyboardInterrupt:  # Ctrl+C in the thread that streams: cancel the job
                 cancel_.cancel()
-                raise Interrupted(f"cancelled job {job_id}", hint="", job_id=job_id) from None
+                raise Interrupted(f"cancelled job {job_id} after {len(got)} tokens", hint="",
+                                  job_id=job_id, tokens=len(got), text="".join(got)) from None
 
 
 def run(req: InferRequest, on_text: Callable[[str], None], report: Reporter = null_reporter,

@@ -11,6 +11,7 @@ import secrets
 from dataclasses import replace
 from typing import Any
 
+from rbee_common.errors import Interrupted
 from rbee_common.fit import worker_devices
 from rbee_common.progress import Reporter, null_reporter
 from rbee_keeper import cache
@@ -44,7 +45,13 @@ def remember(host: HostConfig, record: dict[str, Any], token: str,
 def ensure_model(hive: HiveClient, ref: str, model_id: str, sha256: str | None,
                  report: Reporter = null_reporter) -> dict[str, Any]:
     """Download the model to the host unless it is there (the hive checks); its document."""
-    return hive.download(ref, model_id=model_id, sha256=sha256, on_event=report)
+    try:
+        return hive.download(ref, model_id=model_id, sha256=sha256, on_event=report)
+    except KeyboardInterrupt:  # Ctrl+C: the host keeps what arrived, so say how to go on
+        raise Interrupted(f"download of {model_id} to {hive.host.name} interrupted",
+                          hint="Run the same command again: the download resumes from the "
+                               "bytes the host kept.", model=model_id,
+                          host=hive.host.name) from None
 
 
 def spawn_worker(hive: HiveClient, req: SpawnRequest,

@@ -88,6 +88,31 @@ def _drain(stream: Any, sink: list[bytes]) -> threading.Thread:
     return t
 
 
+INTERRUPT_GRACE = 30.0  # how long a Ctrl+C'd hive may take to finish (stop a loading worker)
+
+
+def _interrupted(proc: subprocess.Popen[bytes], reply: HiveReply, on_event: Reporter | None,
+                 on_line: Callable[[str], None] | None) -> None:
+    """Ctrl+C while the hive works: hand it the Ctrl+C, so it ends as it would at a terminal
+    (a download keeps its bytes, a loading worker is stopped), and read what it says. Its
+    error (CANCELLED, with what it did) is the reply; without one, the interrupt goes on. A
+    second Ctrl+C stops waiting; the caller's `finally` kills the hive then."""
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout is not None
+    killer = threading.Timer(INTERRUPT_GRACE, proc.kill)
+    killer.daemon = True
+    killer.start()
+    try:
+        for raw in proc.stdout:
+            reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+    finally:
+        killer.cancel()
+    if reply.error is None:
+        raise KeyboardInterrupt
+
+
 class LocalTransport:
     """rbee-hive as a subprocess of this controller: the `transport = "local"` host."""
 
@@ -112,8 +137,11 @@ class LocalTransport:
         argv += args
         env = {**os.environ, **self.host.env}
         try:
+            # a process group of its own: a terminal's Ctrl+C reaches this controller alone,
+            # which hands the hive exactly one (see _interrupted)
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                    process_group=0)
         except FileNotFoundError as e:
             raise HiveNotInstalled(f"{argv[0]!r} not found on this machine",
                                    hint="Install rbee here, or set hive = \"/path/to/rbee-hive\" "
@@ -138,8 +166,11 @@ class LocalTransport:
             timer.daemon = True
             timer.start()
         try:
-            for raw in proc.stdout:
-                reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+            try:
+                for raw in proc.stdout:
+                    reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+            except KeyboardInterrupt:
+                _interrupted(proc, reply, on_event, on_line)
             reply.exit_code = proc.wait()
         finally:
             if timer is not None:
@@ -195,6 +226,11 @@ class LocalTransport:
 def fingerprint(key: Any) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_hosts_name(hostname: str, port: int) -> str:
+    """How OpenSSH (and paramiko) name a host in known_hosts: `[host]:port` off port 22."""
+    return hostname if port == 22 else f"[{hostname}]:{port}"
 
 
 def _known_hosts_file(ssh_config: dict[str, Any]) -> Path:
@@ -305,7 +341,8 @@ class SshTransport:
                 except RbeeError:
                     raise  # host key policy: no retry
                 except Exception as e:
-                    last = self._map_error(e, target, port or 22)
+                    last = self._map_error(e, target, conn.port,
+                                           _known_hosts_file(dict(conn.ssh_config)), conn.host)
                     conn.close()
                     if not isinstance(last, HostUnreachable):
                         raise last from e
@@ -318,13 +355,21 @@ class SshTransport:
         """The live paramiko Transport of this host's connection (for port forwarding)."""
         return self._connect().transport
 
-    def _map_error(self, e: Exception, target: str, port: int) -> RbeeError:
+    def _map_error(self, e: Exception, target: str, port: int, known_hosts: Path,
+                   hostname: str) -> RbeeError:
         import paramiko
 
         where = f"{self.host.name} ({target}:{port})"
         if isinstance(e, paramiko.BadHostKeyException):
-            return HostKeyMismatch(f"the SSH host key of {where} has CHANGED: expected "
-                                   f"{fingerprint(e.expected_key)}, got {fingerprint(e.key)}")
+            # the name its line has in known_hosts (a ProxyJump hop is reached on port 22
+            # unless its own config says otherwise: name the host alone then)
+            name = known_hosts_name(e.hostname, port if e.hostname == hostname else 22)
+            return HostKeyMismatch(
+                f"the SSH host key of {where} has CHANGED: expected "
+                f"{fingerprint(e.expected_key)}, got {fingerprint(e.key)}",
+                hint="If the host was reinstalled, remove its old key with `ssh-keygen -f "
+                     f"{shlex.quote(str(known_hosts))} -R {shlex.quote(name)}`; otherwise do "
+                     "not connect.", known_hosts=str(known_hosts), known_hosts_name=name)
         if isinstance(e, paramiko.AuthenticationException):
             return SshAuthFailed(f"{where} refused our SSH keys: {e}")
         if isinstance(e, socket.gaierror):

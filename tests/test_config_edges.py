@@ -42,6 +42,7 @@ def test_a_bad_hosts_toml_entry_names_file_and_line(rbee_env: Env, text: str, li
 def test_hosts_add_refuses_what_it_could_not_read_back(rbee_env: Env, args: list[str]) -> None:
     r = run("rbee", "hosts", "add", "x", *args, "--format", "json")
     assert r.returncode == 2 and error_of(r)["code"] == "USAGE", r
+    assert "rbee hosts add --help" in error_of(r)["hint"], r  # every error says what next
     assert not (rbee_env.config / "hosts.toml").exists()
 
 
@@ -75,6 +76,7 @@ def test_worker_spawn_options_are_checked_before_anything_runs(rbee_env: Env,
     r = run("rbee-hive", "worker", "spawn", "cpu", "--model", "tiny", *args, "--format", "json",
             timeout=20)
     assert r.returncode == 2 and error_of(r)["code"] == "USAGE", r
+    assert error_of(r)["hint"], r
 
 
 @pytest.mark.parametrize("args", [
@@ -83,10 +85,22 @@ def test_worker_spawn_options_are_checked_before_anything_runs(rbee_env: Env,
     ["infer", "-m", "tiny", "-p", "x", "--max-tokens", "0"],
     ["infer", "-m", "tiny", "-p", "x", "--temperature", "-1"],
     ["infer", "-m", "tiny", "-p", "x", "--device", "a,b"],
+    ["infer", "-m", "tiny", "-p", "x", "--backend", "tpu"],
+    ["infer", "-m", "tiny", "-p", ""],
+    ["workers", "stop"],
 ])
 def test_rbee_options_are_checked_before_anything_runs(rbee_env: Env, args: list[str]) -> None:
     r = run("rbee", *args, "--format", "json", timeout=20)
     assert r.returncode == 2 and error_of(r)["code"] == "USAGE", r
+    assert error_of(r)["hint"], r  # every error says what to do next
+
+
+def test_a_usage_error_without_its_own_hint_points_at_the_commands_help(rbee_env: Env) -> None:
+    r = run("rbee", "infer", "-m", "tiny", "-p", "x", "--backend", "tpu")
+    assert r.returncode == 2 and r.stdout == "", r
+    assert "(USAGE)" in r.stderr and "Hint: Run `rbee infer --help`." in r.stderr, r
+    r = run("rbee-hive", "models", "download", "tinyllama", "--sha256", "abc", "--format", "json")
+    assert error_of(r)["hint"] == "Run `rbee-hive models download --help`.", r
 
 
 @pytest.mark.parametrize("line", [

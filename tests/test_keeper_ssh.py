@@ -64,6 +64,29 @@ def test_a_changed_host_key_is_refused(ssh_pool: SshPool, rbee_env: Env) -> None
     assert r.json()["hosts"][0]["error"]["code"] == "HOST_KEY_MISMATCH"
 
 
+def test_the_hint_for_a_changed_host_key_is_a_command_that_works(ssh_pool: SshPool,
+                                                                  rbee_env: Env) -> None:
+    """On a non-22 port known_hosts keys the line `[host]:port`: the hint must name it so,
+    or `ssh-keygen -R host` removes nothing and the user stays locked out."""
+    import re
+    import shlex
+    import subprocess
+
+    (h1,) = ssh_pool.start(1, known=False)
+    other = ssh_pool.host_key(7)
+    kind, key = Path(f"{other}.pub").read_text().split()[:2]
+    (rbee_env.home / ".ssh" / "known_hosts").write_text(
+        f"[{h1.sshd.address}]:{h1.sshd.port} {kind} {key}\n")
+    r = run("rbee", "hosts", "check", "h1", "--format", "json")
+    err = r.json()["hosts"][0]["error"]
+    assert err["code"] == "HOST_KEY_MISMATCH", r
+    command = re.search(r"`(ssh-keygen [^`]+)`", err["hint"])
+    assert command, err
+    subprocess.run(shlex.split(command.group(1)), check=True, capture_output=True)
+    again = run("rbee", "hosts", "check", "h1", "--accept-new-host-key", "--format", "json")
+    assert again.returncode == 0, again
+
+
 def test_wrong_key_is_ssh_auth_failed(ssh_pool: SshPool, rbee_env: Env) -> None:
     import subprocess
 

@@ -1,0 +1,182 @@
+"""Ctrl+C at any point of a command: exit 130 with a CANCELLED error a user (or `jq`) can
+read, never a silent exit or a traceback, and nothing lost that a rerun needs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Env, SshPool
+from tests.helpers import Result, error_of, popen, run
+from tests.hubserver import HubServer
+
+
+def _big_gguf(env: Env, size: int) -> bytes:
+    """A valid GGUF header padded to `size` bytes (llama.cpp is not asked to load it)."""
+    from tests.tinymodel import write_tiny_model
+
+    head = write_tiny_model(env.root / "pad.gguf").read_bytes()
+    return head + os.urandom(size - len(head))
+
+
+def _interrupt_when(proc: subprocess.Popen[str], part: Path, at_least: int) -> Result:
+    """Press Ctrl+C (SIGINT to the command alone) once `part` holds `at_least` bytes."""
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size >= at_least):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    return Result([], proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_ctrl_c_while_infer_downloads_says_cancelled_and_the_rerun_resumes(
+        hub: HubServer, rbee_env: Env, fmt: str) -> None:
+    body = _big_gguf(rbee_env, 3_000_000)
+    hub.add_file("big.gguf", body)
+    hub.state.bytes_per_sec = 500_000
+    url = f"{hub.url}/files/big.gguf"
+    infer = popen("rbee", "infer", "-m", url, "-p", "Hello", "--format", fmt)
+    r = _interrupt_when(infer, rbee_env.rbee_home / "downloads" / "big.part", 300_000)
+    assert r.returncode == 130, r
+    assert "Traceback" not in r.stderr, r
+    if fmt == "json":
+        err = error_of(r)  # one document on stdout, as every --format json failure prints
+        assert err["code"] == "CANCELLED", r
+        assert "resume" in err["hint"], r
+    else:
+        assert r.stdout == "", r
+        assert "(CANCELLED)" in r.stderr and "resume" in r.stderr, r
+    kept = (rbee_env.rbee_home / "downloads" / "big.part").stat().st_size
+    assert 0 < kept < len(body)
+    hub.state.bytes_per_sec = None
+    done = run("rbee-hive", "models", "download", url, "--format", "json")
+    assert done.returncode == 0, done
+    assert done.json()["resumed_from"] > 0
+    assert done.json()["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_ctrl_c_while_infer_streams_keeps_the_partial_text_in_json(tiny_registered: str) -> None:
+    spawned = run("rbee-hive", "worker", "spawn", "cpu", "--model", tiny_registered,
+                  "--format", "json")
+    assert spawned.returncode == 0, spawned
+    worker = spawned.json()["id"]
+    infer = popen("rbee", "infer", "-m", tiny_registered, "-p", "Hello", "--max-tokens", "30000",
+                  "--format", "json")
+    deadline = time.monotonic() + 20
+    while run("rbee-hive", "worker", "health", worker, "--format", "json").json().get(
+            "status") != "busy":
+        assert time.monotonic() < deadline and infer.poll() is None, infer.communicate()
+        time.sleep(0.1)
+    time.sleep(0.3)
+    infer.send_signal(signal.SIGINT)
+    out, err = infer.communicate(timeout=30)
+    r = Result([], infer.returncode, out, err)
+    assert r.returncode == 130, r
+    doc = error_of(r)
+    assert doc["code"] == "CANCELLED", r
+    # what the worker generated before Ctrl+C is kept, as a crash keeps it
+    text = doc["details"]["text"]
+    assert doc["details"]["tokens"] > 0 and text and "pqrstuvwxyz".startswith(text[:11]), r
+    health = run("rbee-hive", "worker", "health", worker, "--format", "json").json()
+    deadline = time.monotonic() + 10
+    while health.get("status") != "ready":  # the job was cancelled on the worker too
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+        health = run("rbee-hive", "worker", "health", worker, "--format", "json").json()
+
+
+def _loading_record(rbee_home: Path, proc: subprocess.Popen[str]) -> dict:
+    """The record of the worker `proc` is starting, once its process exists."""
+    import json
+
+    deadline = time.monotonic() + 20
+    while True:
+        for path in (rbee_home / "workers").glob("*.json"):
+            record = json.loads(path.read_text())
+            if record.get("pid"):
+                return record
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+
+
+def test_ctrl_c_while_a_worker_loads_stops_it(rbee_env: Env, tiny_registered: str) -> None:
+    spawn = popen("rbee-hive", "worker", "spawn", "cpu", "--model", tiny_registered,
+                  "--format", "json")
+    record = _loading_record(rbee_env.rbee_home, spawn)
+    spawn.send_signal(signal.SIGINT)  # while the worker starts: it must not run on unasked
+    out, err = spawn.communicate(timeout=30)
+    r = Result([], spawn.returncode, out, err)
+    assert r.returncode == 130, r
+    doc = error_of(r)
+    assert doc["code"] == "CANCELLED" and doc["details"]["worker_id"] == record["id"], r
+    assert _gone(record["pid"]), "the worker runs on, unasked for"
+    listed = run("rbee-hive", "worker", "list", "--format", "json")
+    assert listed.json()["workers"] == [], listed
+
+
+def _gone(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().split()[2] == "Z"
+
+
+def test_ctrl_c_while_infer_starts_a_worker_stops_it(rbee_env: Env, tiny_registered: str) -> None:
+    infer = popen("rbee", "infer", "-m", tiny_registered, "-p", "Hello", "--format", "json")
+    record = _loading_record(rbee_env.rbee_home, infer)
+    infer.send_signal(signal.SIGINT)
+    out, err = infer.communicate(timeout=60)
+    r = Result([], infer.returncode, out, err)
+    assert r.returncode == 130, r
+    doc = error_of(r)
+    assert doc["code"] == "CANCELLED" and doc["details"]["worker_id"] == record["id"], r
+    assert _gone(record["pid"]), "the worker runs on, unasked for"
+    listed = run("rbee-hive", "worker", "list", "--format", "json")
+    assert listed.json()["workers"] == [], listed
+
+
+@pytest.mark.ssh
+def test_ctrl_c_while_infer_starts_a_worker_over_ssh_stops_it(ssh_pool: SshPool,
+                                                              tiny_model: Path) -> None:
+    (h1,) = ssh_pool.start(1)
+    imported = run("rbee", "pool", "models", "import", str(tiny_model), "--id", "tiny",
+                   "--host", "h1", "--format", "json")
+    assert imported.returncode == 0, imported
+    infer = popen("rbee", "infer", "-m", "tiny", "-p", "Hello", "--host", "h1",
+                  "--format", "json")
+    record = _loading_record(h1.rbee_home, infer)
+    infer.send_signal(signal.SIGINT)
+    out, err = infer.communicate(timeout=60)
+    assert infer.returncode == 130, (out, err)
+    assert error_of(Result([], 130, out, err))["code"] == "CANCELLED"
+    deadline = time.monotonic() + 20  # the host sees its stdin close, then stops the worker
+    while not _gone(record["pid"]):
+        assert time.monotonic() < deadline, "the worker runs on, unasked for"
+        time.sleep(0.1)
+    listed = run("rbee", "workers", "list", "--format", "json")
+    assert listed.json()["workers"] == [], listed
+
+
+def test_a_second_ctrl_c_while_the_first_is_reported_prints_no_traceback(
+        hub: HubServer, rbee_env: Env) -> None:
+    body = _big_gguf(rbee_env, 3_000_000)
+    hub.add_file("big.gguf", body)
+    hub.state.bytes_per_sec = 500_000
+    proc = popen("rbee-hive", "models", "download", f"{hub.url}/files/big.gguf")
+    part = rbee_env.rbee_home / "downloads" / "big.part"
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > 200_000):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # an impatient user presses Ctrl+C twice
+    time.sleep(0.03)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "(CANCELLED)" in err, err
