@@ -192,8 +192,15 @@ def read_header(f: BinaryIO) -> Header:
                   _int(kv.get("split.tensors.count")))
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+_MAX_COUNT = 1 << 48  # above any real size, count or length a header holds
+_MAX_LAYERS = 1 << 16  # real models have a few hundred; a count per layer is built from it
+
+
+def _int(value: Any, most: int = _MAX_COUNT) -> int | None:
+    """A count from the header: an integer from 0 to `most`, else None (not a bool, not a
+    negative that would shrink an estimate, not a size that would exhaust memory)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
+    return value if ok else None
 
 
 def _str(value: Any) -> str | None:
@@ -220,11 +227,11 @@ def _info(version: int, kv: dict[str, Any], params: int, n_tensors: int,
     def get(key: str) -> int | None:
         return _int(kv.get(a + key))
 
-    layers = get("block_count")
+    layers = _int(kv.get(a + "block_count"), _MAX_LAYERS)
     embd = get("embedding_length")
     heads_list = _per_layer(kv.get(a + "attention.head_count"), layers)
     kv_heads_list = _per_layer(kv.get(a + "attention.head_count_kv"), layers) or heads_list
-    head_max = max(heads_list) if heads_list else None
+    head_max = max(heads_list) if heads_list else _int(kv.get(a + "attention.head_count"))
     default_dim = embd // head_max if embd and head_max else None
     k_len = get("attention.key_length") or default_dim
     v_len = get("attention.value_length") or default_dim

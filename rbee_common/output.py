@@ -78,6 +78,8 @@ def sniff_format(argv: Sequence[str]) -> Format:
             value = arg.split("=", 1)[1]
         if value in Format.__members__:
             return Format(value)
+    if list(argv) == ["--stdin-json"]:  # rbee-hive run by rbee, its command on stdin
+        return Format.ndjson
     return Format.text
 
 

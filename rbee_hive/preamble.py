@@ -22,6 +22,8 @@ STDIN_CLOSED_GRACE = 30.0  # seconds a command has to end after its controller w
 
 
 def read_preamble() -> None:
+    if _preamble:
+        return  # read once: a second read would wait on the controller's open stdin
     line = sys.stdin.readline()
     try:
         doc = json.loads(line)
@@ -34,6 +36,7 @@ def read_preamble() -> None:
         raise UsageError("--stdin-json: env must map variable names to strings")
     os.environ.update(env)
     _preamble.update(doc)
+    _preamble["_read"] = True
     if doc.get("watch_stdin"):
         _exit_when_stdin_closes()
 

@@ -49,6 +49,6 @@ def schema_version(doc: dict[str, Any]) -> int | None:
     """The version number at the end of a document's "schema" field (None if absent)."""
     name = str(doc.get("schema", ""))
     head, sep, version = name.rpartition("/v")
-    if not sep or not head.startswith("rbee.") or not version.isdigit():
+    if not sep or not head.startswith("rbee.") or not (version.isascii() and version.isdigit()):
         return None
     return int(version)

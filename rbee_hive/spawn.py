@@ -145,10 +145,14 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
             raise
         from rbee_hive.workers import stop
 
-        stop(started[-1], grace=5.0)
-        raise Interrupted(f"interrupted while worker {started[-1]} loaded; stopped it",
+        wid, said = started[-1], "stopped it"
+        try:
+            stop(wid, grace=5.0)
+        except RbeeError as e:  # gone already (a port retry removed it), or would not stop
+            said = f"stopping it said: {e}"
+        raise Interrupted(f"interrupted while worker {wid} loaded; {said}",
                           hint="Run the same command again to start one.",
-                          worker_id=started[-1]) from None
+                          worker_id=wid) from None
 
 
 def _start_and_wait(model: dict[str, Any], est: Estimate, devs: list[dict[str, Any]],
@@ -184,6 +188,7 @@ def _start_and_wait(model: dict[str, Any], est: Estimate, devs: list[dict[str, A
             reg = Registry()
             with reg.lock():
                 reg.remove(record["id"])
+            started.remove(record["id"])  # no longer a worker a Ctrl+C would have to stop
     raise AssertionError("unreachable")  # the loop returns or raises
 
 

@@ -112,7 +112,13 @@ def cancel(job_id: IdArg, queen: QueenOpt = None, fmt: FormatOpt = Format.text) 
     from rbee_keeper.render import render_job
 
     client = _client(queen)
-    client.cancel(job_id)
+    said = client.cancel(job_id)
+    if not said.get("cancelling") and fmt is Format.text:
+        from rbee_common.output import console
+        from rbee_common.textsafe import safe
+
+        console(stderr=True).print(f"[dim]{safe(job_id)} had already ended "
+                                   f"({safe(said.get('state'))}): nothing to cancel[/]")
     emit(client.task(job_id), fmt, render_job)
 
 

@@ -20,6 +20,7 @@ from rbee_common.files import atomic_write_json, locked, read_json
 from rbee_common.paths import config_dir
 from rbee_common.progress import Reporter, null_reporter
 from rbee_keeper.hosts import HostConfig
+from rbee_keeper.queen.tokens import heartbeat_token
 
 SCHEMA = "rbee.keeper.daemons/v1"
 
@@ -89,8 +90,7 @@ def queen_env(host: HostConfig) -> dict[str, str]:
     if url is not None:
         env["RBEE_QUEEN_URL"] = url
         with contextlib.suppress(UsageError):  # no token here: the host's env must carry one
-            env["RBEE_QUEEN_TOKEN"] = queen_client.heartbeat_token(
-                queen_client.target(url).token, host.name)
+            env["RBEE_QUEEN_TOKEN"] = heartbeat_token(queen_client.target(url).token, host.name)
     return {**env, **{k: v for k, v in host.env.items() if k.startswith("RBEE_QUEEN_")}}
 
 

@@ -214,7 +214,10 @@ class CommandHive:
             raise err
         if reply.result is None:
             said = (reply.stderr.strip() or "\n".join(reply.stray)).strip()
-            if "stdin-json" in said or "ndjson" in said or "Missing command" in said:
+            # what click says when a hive predates --stdin-json, ndjson or the command on
+            # stdin: not any mention of them (a current hive's own usage errors name them)
+            if any(old in said for old in ("No such option: --stdin-json",
+                                           "'ndjson' is not one of", "Missing command")):
                 raise SchemaMismatch(f"{name}: its rbee-hive is too old to talk to this rbee",
                                      hint=f"Install this rbee there: rbee hosts install {name} "
                                           "--upgrade")

@@ -214,28 +214,3 @@ def follow(client: QueenClient, job_id: str, on_text: Callable[[str], None],
 
         raise Interrupted(f"cancelled job {job_id}", hint="", job_id=job_id) from None
     raise QueenUnreachable(f"the event stream of {job_id} ended without an end event")
-
-
-def heartbeat_token(queen_token: str, host: str) -> str:
-    """What a host's pool daemon sends its heartbeats with: good for POST /v2/heartbeat as
-    that host and nothing else, so a host that is broken into (or a heartbeat read off the
-    LAN) does not give away the queen's own token: every job's prompt and answer, every
-    host's workers and downloads."""
-    import hashlib
-    import hmac
-
-    mac = hmac.new(queen_token.encode(), f"rbee heartbeat {host}".encode(), hashlib.sha256)
-    return f"{host}.{mac.hexdigest()}"
-
-
-def heartbeat_sender(presented: str, queen_token: str) -> str | None:
-    """Whom a heartbeat's bearer token speaks for: "*" for the queen's own token (any host),
-    a host's name for that host's heartbeat token, None for anything else."""
-    import hmac
-
-    if hmac.compare_digest(presented.encode(), queen_token.encode()):
-        return "*"
-    host, dot, _ = presented.rpartition(".")
-    genuine = heartbeat_token(queen_token, host).encode()
-    return host if dot and host and hmac.compare_digest(presented.encode(), genuine) else None
-

@@ -129,30 +129,22 @@ class LocalTransport:
     def run(self, args: list[str], *, secrets: dict[str, str] | None = None,
             on_event: Reporter | None = None, on_line: Callable[[str], None] | None = None,
             timeout: float | None = None) -> HiveReply:
-        argv = self.argv()
-        stdin = None
-        if secrets:
-            argv.append("--stdin-json")
-            stdin = json.dumps({"env": {}, **secrets}) + "\n"
-        argv += args
+        # the settings on stdin, which stays open while we read: however this controller
+        # ends (a signal it cannot handle, a thread that never sees the Ctrl+C), the hive's
+        # stdin closes and it ends as a Ctrl+C would, as over SSH
+        argv = [*self.argv(), "--stdin-json", *args]
+        preamble = json.dumps({"env": {}, "watch_stdin": True, **(secrets or {})}) + "\n"
         env = {**os.environ, **self.host.env}
         try:
             # a process group of its own: a terminal's Ctrl+C reaches this controller alone,
             # which hands the hive exactly one (see _interrupted)
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                    process_group=0)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, process_group=0)
         except FileNotFoundError as e:
             raise HiveNotInstalled(f"{argv[0]!r} not found on this machine",
                                    hint="Install rbee here, or set hive = \"/path/to/rbee-hive\" "
                                         "for localhost in hosts.toml.") from e
-        assert proc.stdout is not None and proc.stderr is not None
-        if stdin is not None:
-            assert proc.stdin is not None
-            proc.stdin.write(stdin.encode())
-            proc.stdin.close()
-        err: list[bytes] = []
-        drainer = _drain(proc.stderr, err)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         reply = HiveReply()
         # the deadline covers the whole command, not just the wait after stdout closes
         expired = threading.Event()
@@ -162,10 +154,16 @@ class LocalTransport:
             proc.kill()
 
         timer = threading.Timer(timeout, expire) if timeout else None
-        if timer is not None:
-            timer.daemon = True
-            timer.start()
+        err: list[bytes] = []
+        drainer = None
         try:
+            with contextlib.suppress(OSError):  # it exited without reading: its output says why
+                proc.stdin.write(preamble.encode())
+                proc.stdin.flush()
+            drainer = _drain(proc.stderr, err)
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
             try:
                 for raw in proc.stdout:
                     reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
@@ -175,10 +173,13 @@ class LocalTransport:
         finally:
             if timer is not None:
                 timer.cancel()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        drainer.join(timeout=5)
+        if drainer is not None:
+            drainer.join(timeout=5)
         reply.stderr = b"".join(err).decode("utf-8", errors="replace")
         if expired.is_set() and reply.result is None and reply.error is None:
             raise HostUnreachable(f"{self.host.name}: rbee-hive gave no answer within "

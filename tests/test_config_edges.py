@@ -4,6 +4,8 @@ INTERNAL, never a 120 s wait, and `hosts add` never writes what cannot be read b
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import Env
@@ -110,7 +112,9 @@ def test_a_hive_command_on_stdin_must_be_a_list_of_words(rbee_env: Env, line: st
     """`rbee-hive --stdin-json` alone reads its command from stdin (how `rbee` runs one over
     SSH): anything but a list of words is a usage error, not a traceback."""
     r = run("rbee-hive", "--stdin-json", input=line + "\n", timeout=20)
-    assert r.returncode == 2 and "USAGE" in r.stderr and "Traceback" not in r.stderr, r
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r
+    event = json.loads(r.stdout.splitlines()[-1])  # ndjson: what rbee reads from the hive
+    assert event["event"] == "error" and event["error"]["code"] == "USAGE", r
 
 
 def test_a_hive_command_on_stdin_runs_as_given(rbee_env: Env) -> None:

@@ -11,6 +11,7 @@ import select
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,28 @@ def test_header_values_of_the_wrong_type_read_as_absent(rbee_env: Env) -> None:
     info = run("rbee-hive", "models", "info", "odd", "--format", "json").json()["gguf"]
     assert info["context_length"] is None and info["block_count"] is None, info
     assert info["head_count"] is None and info["embedding_length"] == 64
+
+
+def test_header_counts_out_of_range_read_as_absent(tmp_path: Path) -> None:
+    """A count per layer was built from the header's layer count: 2**40 layers (from any
+    repository a user downloads from) exhausted memory; a negative count shrank estimates."""
+    import gguf
+
+    from rbee_common.ggufmeta import read_gguf_file
+
+    path = tmp_path / "huge.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint64("llama.block_count", 1 << 40)
+    w.add_uint32("llama.attention.head_count", 8)
+    w.add_int32("llama.context_length", -4096)
+    w.add_uint32("llama.embedding_length", 64)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = read_gguf_file(path)
+    assert info.block_count is None and info.context_length is None
+    assert info.head_count == 8 and info.kv_per_token is None
 
 
 def test_a_url_with_markup_downloads_and_lists(rbee_env: Env, hub: HubServer,

@@ -180,3 +180,38 @@ def test_a_second_ctrl_c_while_the_first_is_reported_prints_no_traceback(
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "(CANCELLED)" in err, err
+
+
+
+def test_a_local_hive_ends_when_its_controller_is_killed(rbee_env: Env,
+                                                         tiny_registered: str) -> None:
+    """The local hive runs in a process group of its own (so a Ctrl+C reaches it once, from
+    rbee): a controller killed outright must still not leave it running unattended (here
+    following an idle worker's log, which writes nothing that would fail on the closed
+    pipe). Its stdin closes, and it ends as a Ctrl+C would."""
+    worker = run("rbee-hive", "worker", "spawn", "cpu", "--model", tiny_registered,
+                 "--threads", "1", "--format", "json")
+    assert worker.returncode == 0, worker
+    follow = popen("rbee", "pool", "worker", "logs", worker.json()["id"], "--follow",
+                   "--host", "localhost")
+    deadline = time.monotonic() + 30
+    hives: list[int] = []
+    while not hives:
+        assert time.monotonic() < deadline and follow.poll() is None, follow.communicate()
+        time.sleep(0.1)
+        children = Path(f"/proc/{follow.pid}/task/{follow.pid}/children").read_text().split()
+        hives = [int(c) for c in children
+                 if b"rbee-hive" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    time.sleep(1.0)  # following by now
+    follow.kill()
+    follow.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(_state(h) not in ("gone", "Z") for h in hives):
+        assert time.monotonic() < deadline, "the hive kept running after rbee was killed"
+        time.sleep(0.1)
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from rbee_common.daemon import pid_alive
-from rbee_keeper.queen_client import heartbeat_token
+from rbee_keeper.queen.tokens import heartbeat_token
 from tests.conftest import Env, SshHost, SshPool
 from tests.helpers import error_of, run, sse_events
 from tests.hubserver import HubServer

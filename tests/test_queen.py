@@ -373,6 +373,8 @@ def test_cli_jobs_and_infer_through_the_queen(queen: QueenProc, rbee_env: Env) -
     assert status["state"] == "done" and status["text"] == "pq"
     listed = run("rbee", "jobs", "list", "--format", "json", env=env).json()
     assert {t["id"] for t in listed["tasks"]} >= {job}
+    late = run("rbee", "jobs", "cancel", job, env=env)  # says there was nothing to cancel
+    assert late.returncode == 0 and "already ended (done): nothing to cancel" in late.stderr, late
     missing = run("rbee", "infer", "-m", "nope", "-p", "x", "--format", "json", env=env)
     assert missing.returncode == 1 and missing.json()["error"]["code"] == "MODEL_NOT_FOUND"
 
@@ -409,9 +411,14 @@ def test_a_heartbeat_is_taken_only_for_a_known_host_with_a_hive_status(
         refused = [q.post("/v2/heartbeat", {"host": "localhost", "status": {}}),
                    q.post("/v2/heartbeat", {"host": "localhost",
                                             "status": {"schema": status["schema"]}}),
+                   q.post("/v2/heartbeat", {"host": "localhost", "status": {
+                       **status, "workers": [{}], "devices": [{}]}}),
+                   q.post("/v2/heartbeat", {"host": "localhost", "status": {
+                       **status, "devices": [{**status["devices"][0], "memory_free": "9"}]}}),
                    q.post("/v2/heartbeat", {"host": "stranger", "status": status})]
         assert [(r.status_code, r.json()["error"]["code"]) for r in refused] == [
-            (409, "SCHEMA_MISMATCH"), (400, "INVALID_REQUEST"), (404, "UNKNOWN_HOST")]
+            (409, "SCHEMA_MISMATCH"), (400, "INVALID_REQUEST"), (400, "INVALID_REQUEST"),
+            (400, "INVALID_REQUEST"), (404, "UNKNOWN_HOST")]
         assert "stranger" not in {h["name"] for h in q.state()["hosts"]}
         assert q.post("/v2/heartbeat", {"host": "localhost", "status": status}).status_code \
             == 200
@@ -424,7 +431,7 @@ def test_a_heartbeat_is_taken_only_for_a_known_host_with_a_hive_status(
 def test_a_hosts_heartbeat_token_is_good_for_its_heartbeats_alone(queen: QueenProc) -> None:
     """Pool daemons hold a per-host heartbeat token, not the queen's own: a host broken into
     must not read every job's prompt nor steer the other hosts."""
-    from rbee_keeper.queen_client import heartbeat_token
+    from rbee_keeper.queen.tokens import heartbeat_token
 
     status = run("rbee-hive", "status", "--format", "json").json()
     beat = {"host": "localhost", "status": status}

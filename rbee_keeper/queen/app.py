@@ -28,10 +28,10 @@ from rbee_common.asgi import (
     shaped,
     sse,
 )
-from rbee_common.errors import InvalidRequest, RbeeError, Unauthorized
+from rbee_common.errors import InvalidRequest, RbeeError
 from rbee_keeper.jobs import FINAL_EVENTS, JobRequest, JobState
 from rbee_keeper.queen.runtime import JobNotFound, Queen, QueueFull
-from rbee_keeper.queen_client import heartbeat_sender
+from rbee_keeper.queen.tokens import heartbeat_sender
 
 COOKIE = "rbee_queen"
 
@@ -104,7 +104,7 @@ def status_for(err: RbeeError) -> int:
     return {"QUEUE_FULL": 429, "JOB_NOT_FOUND": 404, "MODEL_NOT_FOUND": 404,
             "INVALID_MODEL_REF": 400, "INVALID_REQUEST": 400, "UNKNOWN_HOST": 404,
             "WORKER_NOT_FOUND": 404, "WORKER_BUSY": 409, "SCHEMA_MISMATCH": 409,
-            "USAGE": 400}.get(err.code, 500)
+            "USAGE": 400, "UNAUTHORIZED": 401}.get(err.code, 500)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -231,14 +231,11 @@ async def state(request: Request) -> Response:
 
 async def heartbeat(request: Request) -> Response:
     """A pool daemon's state. Its token may be the queen's own or that host's heartbeat token
-    (`queen_client.heartbeat_token`), which is good for this route as that host alone."""
+    (`queen.tokens`), which is good for this route as that host alone."""
     presented = presented_token(request.scope, COOKIE).decode("latin-1")
     sender = heartbeat_sender(presented, request.app.state.token)  # BearerAuth let it in
     body: HeartbeatBody = await read_model(request, HeartbeatBody, hint=HINT)
-    if sender not in ("*", body.host):
-        return error_response(Unauthorized(
-            f"this heartbeat token is {sender}'s, not {body.host}'s", hint=HINT), 401)
-    await asyncio.to_thread(queen_of(request).heartbeat, body.host, body.status)
+    await asyncio.to_thread(queen_of(request).heartbeat, body.host, body.status, sender)
     return JSONResponse({"ok": True})
 
 

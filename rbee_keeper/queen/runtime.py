@@ -20,10 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from rbee_common.errors import (
     InsufficientMemory,
     InvalidRequest,
     RbeeError,
+    Unauthorized,
     WorkerCrashed,
 )
 from rbee_common.models import ModelSpec
@@ -37,6 +40,7 @@ from rbee_keeper.jobs import JobEventName, JobRequest, JobState, new_job_id
 from rbee_keeper.placement import Constraints, ModelNeed, Placement, need_for, place
 from rbee_keeper.queen.live import HostView, LiveJob, ManagedWorker
 from rbee_keeper.queen.store import Store
+from rbee_keeper.queen.tokens import ANY_HOST
 from rbee_keeper.worker_client import Busy, cancel, execute
 
 log = logging.getLogger("rbee.queen")
@@ -65,6 +69,55 @@ class WorkerBusy(RbeeError):
 
     code = "WORKER_BUSY"
 
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Device(_Doc):
+    backend: str
+    index: int = Field(ge=0)
+    memory_total: int | None = Field(default=None, ge=0)
+    memory_free: int | None = Field(default=None, ge=0)
+    memory_limit: int | None = Field(default=None, ge=0)
+
+
+class _Worker(_Doc):
+    id: str
+    state: str
+    backend: str
+    model: str | None = None
+    port: int | None = Field(default=None, ge=0, le=65535)
+    device: int | None = Field(default=None, ge=0)
+    devices: list[int] | None = None
+    ctx: int | None = Field(default=None, ge=0)
+    estimate_bytes: int | None = Field(default=None, ge=0)
+
+
+class _Model(_Doc):
+    id: str
+    source: str
+
+
+class _Status(_Doc):
+    """What placement, reconciling and the models document read of a host's status."""
+
+    devices: list[_Device]
+    workers: list[_Worker]
+    models: list[_Model] = Field(default_factory=list)
+    lenders: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def status_problem(status: dict[str, Any]) -> str | None:
+    """What a host status lacks that the queen reads (None when nothing): a heartbeat's
+    status is stored as it came, and one bad field would fail every later placement."""
+    try:
+        _Status.model_validate(status)
+    except ValidationError as e:
+        first = e.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return None
 
 class QueenRestarted(RbeeError):
     """The queen stopped while the job was placed or running."""
@@ -253,22 +306,25 @@ class Queen:
             return float(entry.ttl)
         return self.settings.ttl
 
-    def heartbeat(self, host: str, status: dict[str, Any]) -> None:
-        """A pool daemon pushed its state: the freshest picture there is. Only for a host of
-        hosts.toml, and only a hive status document of this rbee's schema: placement reads it.
-        """
+    def heartbeat(self, host: str, status: dict[str, Any], sender: str | None = ANY_HOST
+                  ) -> None:
+        """A pool daemon pushed its state: the freshest picture there is. Taken from the
+        queen's own token or that host's heartbeat token (`sender`), only for a host of
+        hosts.toml, and only a hive status this queen can place on (see status_problem)."""
         from rbee_keeper.hive import checked
 
+        if sender not in (ANY_HOST, host):
+            raise Unauthorized(f"this heartbeat token is {sender}'s, not {host}'s",
+                               hint=HEARTBEAT_HINT)
         if host not in self.load_hosts():
             raise UnknownHost(f"a heartbeat for {host!r}, which is not in hosts.toml",
                               hint="Start the pool daemon from here (rbee pool daemon start "
                                    "--host NAME), or set RBEE_HOST_NAME to the host's name in "
                                    "hosts.toml.")
-        status = checked(host, status)
-        if not (isinstance(status.get("workers"), list) and isinstance(status.get("devices"), list)
-                and all(isinstance(x, dict) for x in [*status["workers"], *status["devices"]])):
-            raise InvalidRequest(f"the heartbeat of {host} does not carry a hive status "
-                                 "(workers and devices)", hint=HEARTBEAT_HINT)
+        problem = status_problem(checked(host, status))
+        if problem is not None:
+            raise InvalidRequest(f"the heartbeat of {host} is not a hive status: {problem}",
+                                 hint=HEARTBEAT_HINT)
         now = time.time()
         with self.cond:
             view = self.hosts.setdefault(host, HostView(host))
@@ -687,10 +743,15 @@ class Queen:
         """Write the tokens streamed since the last save (once a second, on the streaming
         thread: the same one that writes the job's end, so the two never cross)."""
         events = self._unsaved_tokens(job)
-        if events:
-            self.store.save_progress(job.id, events, "".join(job.text), job.tokens)
-            job.saved_seq = events[-1][0]
         job.saved_at = time.monotonic()
+        if not events:
+            return
+        try:
+            self.store.save_progress(job.id, events, "".join(job.text), job.tokens)
+        except Exception as e:  # the job goes on; its end writes what this could not
+            log.warning("could not save job %s's progress: %s", job.id, e)
+            return
+        job.saved_seq = events[-1][0]
 
     def _cancelled_end(self) -> dict[str, Any]:
         return {"tokens_out": 0, "stop_reason": StopReason.CANCELLED.value}
