@@ -112,6 +112,10 @@ def run_app(app: Any, prog: str, argv: Sequence[str] | None = None,
     except typer.Exit as e:
         code = e.exit_code
     except typer.TyperException as e:  # click's usage errors, as typer vendors them
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `rbee`: its help, not an error
+            sys.stdout.write(e.format_message().rstrip("\n") + "\n")
+            sys.stdout.flush()
+            sys.exit(EXIT_USAGE)
         ctx = getattr(e, "ctx", None)
         ctx_path = ctx.command_path if ctx is not None else prog
         emit_error(UsageError(e.format_message(), hint=f"Run `{ctx_path} --help`."), fmt)

@@ -171,3 +171,10 @@ def test_hosts_toml_is_written_for_its_owner_alone(rbee_env: Env) -> None:
     assert run("rbee", "hosts", "rm", "x").returncode == 0
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert "hf_secret" not in run("rbee", "hosts", "list").stdout
+
+
+@pytest.mark.parametrize("argv", [["rbee"], ["rbee-hive"], ["rbee-hive", "worker"]])
+def test_a_bare_command_prints_its_help_not_an_error(rbee_env: Env, argv: list[str]) -> None:
+    r = run(argv[0], *argv[1:], timeout=20)
+    assert r.returncode == 2 and r.stdout.startswith(f"Usage: {' '.join(argv)} "), r
+    assert "Error" not in r.stdout + r.stderr, r
