@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rbee_common.errors import Interrupted
@@ -146,10 +149,11 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
         from rbee_hive.workers import stop
 
         wid, said = started[-1], "stopped it"
-        try:
-            stop(wid, grace=5.0)
-        except RbeeError as e:  # gone already (a port retry removed it), or would not stop
-            said = f"stopping it said: {e}"
+        with sigint_ignored():  # a second Ctrl+C (or the stdin watch's) must not cut it short
+            try:
+                stop(wid, grace=5.0)
+            except RbeeError as e:  # gone already (a port retry removed it), or would not stop
+                said = f"stopping it said: {e}"
         raise Interrupted(f"interrupted while worker {wid} loaded; {said}",
                           hint="Run the same command again to start one.",
                           worker_id=wid) from None
@@ -190,6 +194,19 @@ def _start_and_wait(model: dict[str, Any], est: Estimate, devs: list[dict[str, A
                 reg.remove(record["id"])
             started.remove(record["id"])  # no longer a worker a Ctrl+C would have to stop
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ctrl+C is ignored inside (in the main thread; elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 RPC_CODES = frozenset({LenderUnreachable.code, LenderBusy.code, RpcProtocolMismatch.code,
