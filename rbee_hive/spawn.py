@@ -40,6 +40,7 @@ from rbee_hive.errors import (
 )
 from rbee_hive.lenders import list_lenders
 from rbee_hive.ports import pick_port, port_lock, reserve, reserved_ports
+from rbee_hive.preamble import unless_acknowledged
 from rbee_hive.process import cuda_devices_of, http_health, pid_alive, terminate
 from rbee_hive.registry import Registry
 from rbee_hive.store import ModelStore
@@ -139,10 +140,12 @@ def spawn(backend: str, model_ref: str, *, device: int | Sequence[int] = 0,
     token = token or secrets.token_urlsafe(32)
     started: list[str] = []  # the id of each worker started, as soon as its record exists
     try:
-        return _start_and_wait(model, est, devs, inventory, backend=backend, port=port,
-                               bind=bind, ctx=ctx, token=token, threads=threads,
-                               tensor_split=tensor_split, lenders=lenders, wait=wait,
-                               timeout=timeout, report=report, started=started)
+        record = _start_and_wait(model, est, devs, inventory, backend=backend, port=port,
+                                 bind=bind, ctx=ctx, token=token, threads=threads,
+                                 tensor_split=tensor_split, lenders=lenders, wait=wait,
+                                 timeout=timeout, report=report, started=started)
+        unless_acknowledged(lambda: _stop_quietly(record["id"]))
+        return record
     except KeyboardInterrupt:  # Ctrl+C while it starts: the user wants no worker after all
         if not started:
             raise
@@ -194,6 +197,16 @@ def _start_and_wait(model: dict[str, Any], est: Estimate, devs: list[dict[str, A
                 reg.remove(record["id"])
             started.remove(record["id"])  # no longer a worker a Ctrl+C would have to stop
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _stop_quietly(worker_id: str) -> None:
+    """Stop a worker whose controller went away before it learnt of it (its log says so)."""
+    from rbee_hive.workers import stop
+
+    log.warning("worker %s was ready, but whoever asked for it went away first; stopping it",
+                worker_id)
+    with contextlib.suppress(RbeeError):
+        stop(worker_id, grace=5.0)
 
 
 @contextlib.contextmanager

@@ -113,6 +113,10 @@ def _interrupted(proc: subprocess.Popen[bytes], reply: HiveReply, on_event: Repo
         raise KeyboardInterrupt
 
 
+ACK = b"ack\n"  # what a controller writes once it has read a hive command's answer
+SETTLE_GRACE = 15.0  # seconds a local hive has to end after its stdin closed early
+
+
 class LocalTransport:
     """rbee-hive as a subprocess of this controller: the `transport = "local"` host."""
 
@@ -133,7 +137,8 @@ class LocalTransport:
         # ends (a signal it cannot handle, a thread that never sees the Ctrl+C), the hive's
         # stdin closes and it ends as a Ctrl+C would, as over SSH
         argv = [*self.argv(), "--stdin-json", *args]
-        preamble = json.dumps({"env": {}, "watch_stdin": True, **(secrets or {})}) + "\n"
+        preamble = json.dumps({"env": {}, "watch_stdin": True, "acks": True,
+                               **(secrets or {})}) + "\n"
         env = {**os.environ, **self.host.env}
         try:
             # a process group of its own: a terminal's Ctrl+C reaches this controller alone,
@@ -165,16 +170,28 @@ class LocalTransport:
                 timer.daemon = True
                 timer.start()
             try:
+                acked = False
                 for raw in proc.stdout:
                     reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+                    if not acked and reply.result is not None:
+                        acked = True
+                        with contextlib.suppress(OSError):
+                            proc.stdin.write(ACK)
+                            proc.stdin.flush()
             except KeyboardInterrupt:
                 _interrupted(proc, reply, on_event, on_line)
+            with contextlib.suppress(OSError):  # its answer is complete: we are done with it
+                proc.stdin.close()
             reply.exit_code = proc.wait()
         finally:
             if timer is not None:
                 timer.cancel()
             with contextlib.suppress(OSError):
                 proc.stdin.close()
+            if proc.poll() is None and not expired.is_set():
+                # its stdin closed: it ends as a Ctrl+C would, undoing what we never learnt of
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=SETTLE_GRACE)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -420,9 +437,9 @@ class SshTransport:
             chan.exec_command(command)
             # stdin stays open while we wait: the hive ends itself when it closes (we gave
             # up, or the connection dropped), rather than running on unseen
-            chan.sendall((json.dumps({"env": self.host.env, "watch_stdin": True,
+            chan.sendall((json.dumps({"env": self.host.env, "watch_stdin": True, "acks": True,
                                       **(secrets or {}), "argv": args}) + "\n").encode())
-            reply = self._read(chan, on_event, on_line, "rbee-hive")
+            reply = self._read(chan, on_event, on_line, "rbee-hive", ack=True)
         except TimeoutError as e:
             raise HostUnreachable(f"{self.host.name}: rbee-hive gave no answer within "
                                   f"{timeout:g}s; stopped it") from e
@@ -459,15 +476,20 @@ class SshTransport:
             chan.close()
 
     def _read(self, chan: Any, on_event: Reporter | None,
-              on_line: Callable[[str], None] | None, what: str) -> HiveReply:
+              on_line: Callable[[str], None] | None, what: str,
+              ack: bool = False) -> HiveReply:
         """A command's ndjson stdout, its stderr and exit status; a connection that goes away
-        meanwhile is HOST_UNREACHABLE."""
+        meanwhile is HOST_UNREACHABLE. With `ack`, the answer is acknowledged as it arrives
+        (see rbee_hive.preamble)."""
         err: list[bytes] = []
         try:
             drainer = _drain(chan.makefile_stderr("rb"), err)
             reply = HiveReply()
             for raw in chan.makefile("rb"):
                 reply.consume(raw.decode("utf-8", errors="replace"), on_event, on_line)
+                if ack and reply.result is not None:
+                    ack = False
+                    chan.sendall(ACK)
             reply.exit_code = chan.recv_exit_status()
             drainer.join(timeout=5)
         except TimeoutError:

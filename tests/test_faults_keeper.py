@@ -184,13 +184,14 @@ def test_a_crash_keeps_the_partial_text_in_json_and_names_the_worker(
             break
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    time.sleep(0.3)
+    time.sleep(1.0)  # tokens on their way (fewer on a loaded machine)
     os.kill(remote_worker["pid"], signal.SIGKILL)
     out, err = infer.communicate(timeout=30)
     assert infer.returncode == 1, (out, err)
     doc = error_of(Result([], 1, out, err))
     assert doc["code"] == "WORKER_CRASHED"
-    assert doc["details"]["text"].startswith("pqrstuvwxyz")
+    text = doc["details"]["text"]
+    assert text and "pqrstuvwxyz".startswith(text[:11]), doc
     assert f"worker logs {remote_worker['id']} --host h1" in doc["hint"]
 
 

@@ -215,3 +215,46 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def _spawn_by_stdin(model: str, ack: bool) -> tuple[dict, subprocess.Popen[str]]:
+    """`rbee-hive --stdin-json` driven as rbee drives it: the command and settings on stdin,
+    the answer read off stdout; then stdin closes, with or without the acknowledgement."""
+    import json
+
+    from tests.helpers import BIN
+
+    proc = subprocess.Popen([str(BIN / "rbee-hive"), "--stdin-json"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps({"env": {}, "watch_stdin": True, "acks": True, "argv": [
+        "worker", "spawn", "cpu", "--model", model, "--threads", "1", "--format",
+        "ndjson"]}) + "\n")
+    proc.stdin.flush()
+    result = None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "result":
+            result = event["result"]
+            break
+    assert result is not None and result["state"] == "ready", proc.communicate()
+    if ack:
+        proc.stdin.write("ack\n")
+        proc.stdin.flush()
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    return result, proc
+
+
+def test_a_worker_whose_answer_is_never_acknowledged_is_stopped(rbee_env: Env,
+                                                                tiny_registered: str) -> None:
+    """A Ctrl+C just after the worker got ready, before rbee read the answer, left a worker
+    running that no one knew of: the hive now waits for rbee's acknowledgement, and stops
+    the worker when its stdin closes without one."""
+    lost, _ = _spawn_by_stdin(tiny_registered, ack=False)
+    assert _gone(lost["pid"])
+    kept, _ = _spawn_by_stdin(tiny_registered, ack=True)
+    assert not _gone(kept["pid"])
+    listed = run("rbee-hive", "worker", "list", "--format", "json").json()["workers"]
+    live = [w["id"] for w in listed if w["state"] in ("ready", "busy", "loading")]
+    assert live == [kept["id"]], listed
