@@ -172,8 +172,9 @@ def test_a_hovered_button_and_a_chosen_host_stay_put_while_a_job_streams(live: L
     job = live.submit("tiny")
     live.wait_tokens(job, 200)
     page.wait_for_timeout(1500)  # the card's requests and tokens change several times a second
+    # kept, not replaced (whether it is still under the pointer depends on the rows above
+    # it, which may grow as the job streams: layout, not what this guards)
     assert held.evaluate("el => el.isConnected"), "the hovered Log button was replaced"
-    assert held.evaluate("el => el.matches(':hover')")
     held.click()  # and it still does what it says, with the latest render's handler
     expect(page.locator("#logs pre")).to_contain_text("ready on", timeout=10_000)
     page.keyboard.press("Escape")

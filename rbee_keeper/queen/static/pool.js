@@ -158,7 +158,8 @@ function workersTable(host) {
     h("caption", { class: "sr-only" }, `Workers on ${host.name}`),
     h("thead", {}, h("tr", {}, ["Worker", "Model", "State", "Uptime", "Requests", "Tokens/s",
       ""].map((c) => h("th", { scope: "col" }, c)))),
-    h("tbody", {}, host.workers.map((w) => h("tr", {},
+    // rows keyed by worker: when the order changes, each row (and its buttons) moves whole
+    h("tbody", {}, host.workers.map((w, i) => h("tr", { "data-key": `row-${w.id || `new-${i}`}` },
       cell("Worker", w.id ? h("code", {}, w.id) : h("em", {}, "starting…"),
         h("div", { class: "muted small" }, `${w.backend}:${(w.devices || []).join("+")}`)),
       cell("Model", w.model),
