@@ -110,10 +110,15 @@ def _loading_record(rbee_home: Path, proc: subprocess.Popen[str]) -> dict:
 def test_ctrl_c_while_a_worker_loads_stops_it(rbee_env: Env, tiny_registered: str) -> None:
     spawn = popen("rbee-hive", "worker", "spawn", "cpu", "--model", tiny_registered,
                   "--format", "json")
-    record = _loading_record(rbee_env.rbee_home, spawn)
-    spawn.send_signal(signal.SIGINT)  # while the worker starts: it must not run on unasked
-    out, err = spawn.communicate(timeout=30)
-    r = Result([], spawn.returncode, out, err)
+    _interrupt_while_loading(rbee_env, spawn, timeout=30)
+
+
+def _interrupt_while_loading(env: Env, proc: subprocess.Popen[str], timeout: float) -> None:
+    """Ctrl+C once `proc`'s worker is starting: CANCELLED naming it, and no worker left."""
+    record = _loading_record(env.rbee_home, proc)
+    proc.send_signal(signal.SIGINT)  # while the worker starts: it must not run on unasked
+    out, err = proc.communicate(timeout=timeout)
+    r = Result([], proc.returncode, out, err)
     assert r.returncode == 130, r
     doc = error_of(r)
     assert doc["code"] == "CANCELLED" and doc["details"]["worker_id"] == record["id"], r
@@ -129,16 +134,7 @@ def _gone(pid: int) -> bool:
 
 def test_ctrl_c_while_infer_starts_a_worker_stops_it(rbee_env: Env, tiny_registered: str) -> None:
     infer = popen("rbee", "infer", "-m", tiny_registered, "-p", "Hello", "--format", "json")
-    record = _loading_record(rbee_env.rbee_home, infer)
-    infer.send_signal(signal.SIGINT)
-    out, err = infer.communicate(timeout=60)
-    r = Result([], infer.returncode, out, err)
-    assert r.returncode == 130, r
-    doc = error_of(r)
-    assert doc["code"] == "CANCELLED" and doc["details"]["worker_id"] == record["id"], r
-    assert _gone(record["pid"]), "the worker runs on, unasked for"
-    listed = run("rbee-hive", "worker", "list", "--format", "json")
-    assert listed.json()["workers"] == [], listed
+    _interrupt_while_loading(rbee_env, infer, timeout=60)
 
 
 @pytest.mark.ssh

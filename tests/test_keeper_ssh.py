@@ -53,12 +53,17 @@ def test_pool_status_reports_every_host_and_exits_3_when_one_is_down(ssh_pool: S
     assert "HOST_UNREACHABLE" in text.stderr
 
 
-def test_a_changed_host_key_is_refused(ssh_pool: SshPool, rbee_env: Env) -> None:
+def _host_with_another_key(ssh_pool: SshPool, rbee_env: Env) -> None:
+    """One host, and a known_hosts line for it that names another host's key."""
     (h1,) = ssh_pool.start(1, known=False)
     other = ssh_pool.host_key(7)
     kind, key = Path(f"{other}.pub").read_text().split()[:2]
     (rbee_env.home / ".ssh" / "known_hosts").write_text(
         f"[{h1.sshd.address}]:{h1.sshd.port} {kind} {key}\n")
+
+
+def test_a_changed_host_key_is_refused(ssh_pool: SshPool, rbee_env: Env) -> None:
+    _host_with_another_key(ssh_pool, rbee_env)
     r = run("rbee", "pool", "status", "--format", "json", "--accept-new-host-key")
     assert r.returncode == 1
     assert r.json()["hosts"][0]["error"]["code"] == "HOST_KEY_MISMATCH"
@@ -72,11 +77,7 @@ def test_the_hint_for_a_changed_host_key_is_a_command_that_works(ssh_pool: SshPo
     import shlex
     import subprocess
 
-    (h1,) = ssh_pool.start(1, known=False)
-    other = ssh_pool.host_key(7)
-    kind, key = Path(f"{other}.pub").read_text().split()[:2]
-    (rbee_env.home / ".ssh" / "known_hosts").write_text(
-        f"[{h1.sshd.address}]:{h1.sshd.port} {kind} {key}\n")
+    _host_with_another_key(ssh_pool, rbee_env)
     r = run("rbee", "hosts", "check", "h1", "--format", "json")
     err = r.json()["hosts"][0]["error"]
     assert err["code"] == "HOST_KEY_MISMATCH", r

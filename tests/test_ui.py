@@ -137,6 +137,11 @@ def page(lab: Lab) -> Iterator[Any]:
     if not lab.state:
         pytest.skip("sign-in did not work (see the first test)")
     ctx = lab.context()
+    yield from watched_page(ctx)
+
+
+def watched_page(ctx: Any) -> Iterator[Any]:
+    """A new page of `ctx`, then (the context closed) a failure for any script error on it."""
     pg = ctx.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))

@@ -22,6 +22,7 @@ import pytest
 from tests.conftest import CHROMIUM, Env
 from tests.helpers import run
 from tests.queenproc import QueenProc
+from tests.test_ui import watched_page
 
 pytestmark = [pytest.mark.browser]
 
@@ -110,14 +111,10 @@ def page(live: Live) -> Iterator[Any]:
     ctx = live.browser.new_context(viewport={"width": 1280, "height": 900},
                                    storage_state=live.state)
     ctx.set_default_timeout(30_000)
-    pg = ctx.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    yield pg
-    ctx.close()
-    live.cancel_all()
-    assert not errors, errors
+    try:
+        yield from watched_page(ctx)
+    finally:
+        live.cancel_all()
 
 
 def expect(locator: Any) -> Any:
